@@ -1,0 +1,5 @@
+import sys
+
+from dfka.cli import main
+
+sys.exit(main())

@@ -1,0 +1,73 @@
+"""Where dfka keeps local state, and how it finds its object store and tracking server.
+
+Everything is read from the environment first, so a cluster (KFP env vars, Kubernetes secrets) and a
+laptop (``.dfka/stack.env`` written by ``dfka stack up``) configure dfka the same way.
+
+=========================  ==================================================================
+``DFKA_HOME``              local state: stack processes, credentials, offline metrics (``./.dfka``)
+``DFKA_DATA_DIR``          dataset cache (``~/.cache/dfka/data``)
+``DFKA_S3_ENDPOINT``       S3 endpoint URL, e.g. ``http://127.0.0.1:8333``
+``AWS_ACCESS_KEY_ID``      S3 access key
+``AWS_SECRET_ACCESS_KEY``  S3 secret key
+``DFKA_BUCKET``            default bucket for bundles and run outputs (``dfka``)
+``MLFLOW_TRACKING_URI``    MLflow tracking server
+=========================  ==================================================================
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Environment keys whose values are secrets: never logged, never written to MLflow params or YAML.
+SECRET_ENV_KEYS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+
+
+def dfka_home() -> Path:
+    return Path(os.environ.get("DFKA_HOME", ".dfka")).absolute()
+
+
+def data_dir() -> Path:
+    default = Path.home() / ".cache" / "dfka" / "data"
+    return Path(os.environ.get("DFKA_DATA_DIR", str(default))).absolute()
+
+
+def stack_env_file() -> Path:
+    return dfka_home() / "stack.env"
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """Parse a ``KEY=VALUE`` file (``#`` comments, optional ``export`` prefix, no shell expansion)."""
+    values: dict[str, str] = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        line = line.removeprefix("export ").strip()
+        key, sep, value = line.partition("=")
+        if sep:
+            values[key.strip()] = value.strip().strip("'\"")
+    return values
+
+
+def load_stack_env(path: Path | None = None) -> dict[str, str]:
+    """Apply ``.dfka/stack.env`` to ``os.environ`` for keys the user has not set; return what was applied."""
+    path = path or stack_env_file()
+    if not path.is_file():
+        return {}
+    applied = {k: v for k, v in read_env_file(path).items() if k not in os.environ}
+    os.environ.update(applied)
+    return applied
+
+
+def default_bucket() -> str:
+    return os.environ.get("DFKA_BUCKET", "dfka")
+
+
+def redact(text: str) -> str:
+    """Replace the values of secret environment variables in ``text`` with ``***``."""
+    for key in SECRET_ENV_KEYS:
+        value = os.environ.get(key)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
