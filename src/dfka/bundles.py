@@ -1,0 +1,301 @@
+"""Teacher bundles: ``weights.safetensors`` plus a ``teacher.json`` manifest. Nothing is ever unpickled.
+
+A bundle is the only way a teacher enters dfka. Loading one
+
+1. reads the manifest (size-capped JSON, validated by a strict schema),
+2. checks the weights file size and sha256 against the manifest,
+3. rebuilds the architecture from the registry,
+4. checks that every tensor's name and shape match the rebuilt model, and that no weight is NaN or Inf.
+
+Each failure is a :class:`~dfka.errors.BundleError` that says what is wrong and how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dfka import __version__
+from dfka.errors import BundleError, ConfigError
+from dfka.models import BlockClassifier, build_model
+
+FORMAT_VERSION = "dfka.teacher/v1"
+MANIFEST_NAME = "teacher.json"
+WEIGHTS_NAME = "weights.safetensors"
+MAX_MANIFEST_BYTES = 1 << 20
+MAX_WEIGHTS_BYTES = 4 << 30
+#: File name endings that mean "a pickle": refused with an explanation, never opened.
+PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
+
+Task = Literal["multiclass", "multilabel"]
+
+
+class InputSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    shape: list[int] = Field(min_length=3, max_length=3)
+    pixel_range: tuple[float, float] = (0.0, 1.0)
+    mean: list[float] = Field(min_length=1)
+    std: list[float] = Field(min_length=1)
+
+    @field_validator("shape")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(s <= 0 for s in v):
+            raise ValueError("input shape entries must be positive")
+        return v
+
+    @field_validator("std")
+    @classmethod
+    def _std_positive(cls, v: list[float]) -> list[float]:
+        if any(not (s > 0 and math.isfinite(s)) for s in v):
+            raise ValueError("std entries must be positive and finite")
+        return v
+
+
+class WeightsSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    file: str = WEIGHTS_NAME
+    sha256: str = Field(pattern="^[0-9a-f]{64}$")
+    bytes: int = Field(gt=0)
+
+
+class TeacherManifest(BaseModel):
+    """The ``teacher.json`` schema. Unknown keys are rejected so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    format: Literal["dfka.teacher/v1"] = FORMAT_VERSION
+    name: str = Field(min_length=1)
+    arch: dict[str, Any]
+    block_count: int = Field(ge=1)
+    level_shapes: list[list[int]]
+    input: InputSpec
+    labels: list[str] = Field(min_length=1)
+    task: Task
+    metrics: dict[str, float] = Field(default_factory=dict)
+    weights: WeightsSpec
+    training: dict[str, Any] = Field(default_factory=dict)
+    created_by: str = f"dfka {__version__}"
+
+    @field_validator("labels")
+    @classmethod
+    def _unique_labels(cls, v: list[str]) -> list[str]:
+        dupes = sorted({x for x in v if v.count(x) > 1})
+        if dupes:
+            raise ValueError(f"duplicate label names {dupes}")
+        return v
+
+
+@dataclass
+class TeacherBundle:
+    """A loaded teacher: its manifest and its frozen-ready model."""
+
+    manifest: TeacherManifest
+    model: BlockClassifier
+    source: str
+
+    @property
+    def name(self) -> str:
+        return self.manifest.name
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.manifest.labels)
+
+    @property
+    def task(self) -> Task:
+        return self.manifest.task
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_bundle(
+    model: BlockClassifier,
+    out: str | Path,
+    *,
+    name: str,
+    labels: Sequence[str],
+    task: Task,
+    metrics: dict[str, float] | None = None,
+    training: dict[str, Any] | None = None,
+) -> TeacherManifest:
+    """Write ``out/weights.safetensors`` and ``out/teacher.json``; ``out`` may be ``s3://bucket/prefix``.
+
+    The weights are written first and the manifest last, so a reader never sees a manifest that points
+    at missing weights.
+    """
+    from dfka import storage
+
+    if len(labels) != model.num_outputs:
+        raise BundleError(f"{len(labels)} label names for a model with {model.num_outputs} outputs")
+    with tempfile.TemporaryDirectory(prefix="dfka-bundle-") as tmp:
+        local = Path(tmp)
+        weights = local / WEIGHTS_NAME
+        state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+        save_file(state, str(weights), metadata={"format": FORMAT_VERSION})
+        manifest = TeacherManifest(
+            name=name,
+            arch=dict(model.spec),
+            block_count=model.num_blocks,
+            level_shapes=[list(s) for s in model.level_shapes()],
+            input=InputSpec(shape=list(model.input_shape), **model.normalization),
+            labels=list(labels),
+            task=task,
+            metrics=dict(metrics or {}),
+            weights=WeightsSpec(sha256=sha256_file(weights), bytes=weights.stat().st_size),
+            training=dict(training or {}),
+        )
+        (local / MANIFEST_NAME).write_text(manifest.model_dump_json(indent=2) + "\n")
+        storage.put_file(weights, storage.join(str(out), WEIGHTS_NAME))
+        storage.put_file(local / MANIFEST_NAME, storage.join(str(out), MANIFEST_NAME))
+    return manifest
+
+
+def load_bundle(uri: str | Path, *, cache_dir: Path | None = None) -> TeacherBundle:
+    """Load and verify a bundle from a directory, a ``teacher.json`` path, or ``s3://bucket/prefix``."""
+    from dfka import storage
+
+    text = str(uri)
+    if text.lower().endswith(PICKLE_SUFFIXES):
+        raise BundleError(
+            f"{text} looks like a pickled PyTorch checkpoint; dfka never unpickles files it is given",
+            "in an environment that trusts that file, export a bundle: build the model with dfka.models, "
+            "load the state dict, and call dfka.bundles.save_bundle (writes weights.safetensors + teacher.json)",
+        )
+    if text.endswith(MANIFEST_NAME):
+        text = text[: -len(MANIFEST_NAME)].rstrip("/") or "."
+    if storage.is_s3(text):
+        target = Path(cache_dir or tempfile.mkdtemp(prefix="dfka-teacher-"))
+        for key in (MANIFEST_NAME, WEIGHTS_NAME):
+            if not storage.exists(storage.join(text, key)):
+                raise BundleError(f"{storage.join(text, key)} does not exist", _bundle_fix(text))
+            storage.get_file(storage.join(text, key), target / key)
+        local = target
+    else:
+        local = Path(text)
+    return _load_local(local, source=str(uri))
+
+
+def _bundle_fix(where: str) -> str:
+    return (
+        f"{where} must hold {MANIFEST_NAME} and {WEIGHTS_NAME}; "
+        "create one with `dfka teachers train ... --out DIR` or dfka.bundles.save_bundle"
+    )
+
+
+def _load_local(path: Path, source: str) -> TeacherBundle:
+    if not path.is_dir():
+        raise BundleError(f"teacher bundle {source} not found", _bundle_fix(source))
+    manifest_path = path / MANIFEST_NAME
+    if not manifest_path.is_file():
+        pickles = sorted(p.name for p in path.iterdir() if p.name.lower().endswith(PICKLE_SUFFIXES))
+        hint = f" (found {pickles}: dfka never unpickles)" if pickles else ""
+        raise BundleError(f"{source} has no {MANIFEST_NAME}{hint}", _bundle_fix(source))
+    if manifest_path.stat().st_size > MAX_MANIFEST_BYTES:
+        raise BundleError(
+            f"{manifest_path} is larger than {MAX_MANIFEST_BYTES} bytes", "is this really a manifest?"
+        )
+    try:
+        raw = json.loads(manifest_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BundleError(f"{manifest_path} is not valid JSON ({err})", "regenerate the bundle") from None
+    if isinstance(raw, dict) and raw.get("format") not in (None, FORMAT_VERSION):
+        raise BundleError(
+            f"{manifest_path} has format {raw.get('format')!r}; this dfka reads {FORMAT_VERSION!r}",
+            "re-export the bundle with this dfka version",
+        )
+    try:
+        manifest = TeacherManifest.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in err.errors()
+        )
+        raise BundleError(
+            f"{manifest_path} is invalid: {problems}", "fix the manifest or regenerate the bundle"
+        ) from None
+
+    weights_path = path / manifest.weights.file
+    if manifest.weights.file != WEIGHTS_NAME or not weights_path.is_file():
+        raise BundleError(f"{source} has no {WEIGHTS_NAME}", _bundle_fix(source))
+    size = weights_path.stat().st_size
+    if size > MAX_WEIGHTS_BYTES:
+        raise BundleError(f"{weights_path} is {size} bytes, over the {MAX_WEIGHTS_BYTES}-byte limit")
+    if size != manifest.weights.bytes:
+        raise BundleError(
+            f"{weights_path} is {size} bytes but the manifest says {manifest.weights.bytes} (truncated or replaced)",
+            "re-copy the bundle; if the weights were changed on purpose, regenerate the manifest with save_bundle",
+        )
+    actual = sha256_file(weights_path)
+    if actual != manifest.weights.sha256:
+        raise BundleError(
+            f"{weights_path} sha256 {actual[:12]}… does not match the manifest's {manifest.weights.sha256[:12]}…",
+            "the weights were modified or corrupted; re-copy the bundle from its source",
+        )
+
+    try:
+        model = build_model(manifest.arch, mean=manifest.input.mean, std=manifest.input.std)
+    except ConfigError as err:
+        raise BundleError(f"{source}: {err.problem}", err.fix) from None
+    if list(model.input_shape) != manifest.input.shape:
+        raise BundleError(
+            f"{source}: manifest input shape {manifest.input.shape} != architecture {model.input_shape}"
+        )
+    if [
+        list(s) for s in model.level_shapes()
+    ] != manifest.level_shapes or model.num_blocks != manifest.block_count:
+        raise BundleError(
+            f"{source}: manifest level shapes {manifest.level_shapes} do not match the architecture's "
+            f"{[list(s) for s in model.level_shapes()]}",
+            "the manifest and the weights come from different models; regenerate the bundle",
+        )
+    if len(manifest.labels) != model.num_outputs:
+        raise BundleError(f"{source}: {len(manifest.labels)} labels for {model.num_outputs} outputs")
+
+    try:
+        state = load_file(str(weights_path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise BundleError(
+            f"{weights_path} is not a readable safetensors file ({err})", "re-copy the bundle"
+        ) from None
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise BundleError(
+            f"{source}: weights do not match architecture {manifest.arch.get('arch')} "
+            f"(missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]})",
+            "check the manifest's arch options (width, blocks) against the model that produced the weights",
+        )
+    for key, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[key].shape):
+            raise BundleError(
+                f"{source}: tensor {key} has shape {tuple(tensor.shape)}, architecture expects "
+                f"{tuple(expected[key].shape)}",
+                "the manifest's arch options do not match the weights",
+            )
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise BundleError(
+                f"{source}: tensor {key} contains NaN or Inf", "the teacher diverged; retrain or re-export it"
+            )
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return TeacherBundle(manifest=manifest, model=model, source=source)

@@ -1,0 +1,53 @@
+"""Process-level runtime settings: threads, seeds, device, timing."""
+
+from __future__ import annotations
+
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import numpy as np
+import torch
+
+from dfka.errors import ConfigError
+
+
+def set_threads(n: int | None = None) -> int:
+    """Set torch's intra-op threads from ``n``, else ``OMP_NUM_THREADS``, else all cores; return it."""
+    if n is None:
+        env = os.environ.get("OMP_NUM_THREADS")
+        n = int(env) if env and env.isdigit() else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, n))
+    return torch.get_num_threads()
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch; return a torch Generator seeded the same way."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` picks CUDA when present, else CPU. Never assumes CUDA."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available", "use device: auto or cpu")
+    try:
+        return torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}", "use auto, cpu, cuda or cuda:N") from None
+
+
+@contextmanager
+def timed(into: dict[str, float], key: str) -> Iterator[None]:
+    """Add the wall-clock seconds of the block to ``into[key]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        into[key] = into.get(key, 0.0) + time.perf_counter() - start
