@@ -33,7 +33,9 @@ class GpuPlacement(BaseModel):
     accelerator_type: str = GPU_RESOURCE
     accelerator_count: int = Field(default=1, ge=0)
     node_selector: dict[str, str] = Field(default_factory=lambda: {GPU_POOL_LABEL_KEY: GPU_POOL_LABEL_VALUE})
-    tolerations: tuple[Toleration, ...] = (Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule"),)
+    tolerations: tuple[Toleration, ...] = (
+        Toleration(key=GPU_RESOURCE, operator="Exists", effect="NoSchedule"),
+    )
     cpu_request: str = "4"
     cpu_limit: str = "8"
     memory_request: str = "16G"

@@ -20,7 +20,12 @@ import os
 from pathlib import Path
 
 #: Environment keys whose values are secrets: never logged, never written to MLflow params or YAML.
-SECRET_ENV_KEYS = ("AWS_SECRET_ACCESS_KEY", "AWS_ACCESS_KEY_ID", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+SECRET_ENV_KEYS = (
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 
 
 def dfka_home() -> Path:
