@@ -35,7 +35,9 @@ def toy_model(width: float = 0.5):
 @pytest.fixture
 def bundle(tmp_path: Path) -> Path:
     out = tmp_path / "teacher"
-    save_bundle(toy_model(), str(out), name="toy", labels=LABELS, task="multiclass", metrics={"test_acc": 0.9})
+    save_bundle(
+        toy_model(), str(out), name="toy", labels=LABELS, task="multiclass", metrics={"test_acc": 0.9}
+    )
     return out
 
 
@@ -103,7 +105,10 @@ def _write_manifest_for(folder: Path) -> None:
         "input": {"shape": [1, 28, 28], "mean": [0.13], "std": [0.31]},
         "labels": LABELS,
         "task": "multiclass",
-        "weights": {"sha256": sha256_file(folder / WEIGHTS_NAME), "bytes": (folder / WEIGHTS_NAME).stat().st_size},
+        "weights": {
+            "sha256": sha256_file(folder / WEIGHTS_NAME),
+            "bytes": (folder / WEIGHTS_NAME).stat().st_size,
+        },
     }
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest))
 
@@ -161,7 +166,11 @@ BAD_BUNDLES: list[tuple[str, Callable[[Path], None], str]] = [
     ("unknown task", _edit_manifest(_set("task", "regression")), "task"),
     ("duplicate labels", _edit_manifest(_set("labels", ["a", "a", "b"])), "duplicate label"),
     ("wrong label count", _edit_manifest(_set("labels", ["a", "b"])), "2 labels for 3 outputs"),
-    ("unknown architecture", _edit_manifest(lambda d: d["arch"].update(arch="vgg")), "unknown architecture 'vgg'"),
+    (
+        "unknown architecture",
+        _edit_manifest(lambda d: d["arch"].update(arch="vgg")),
+        "unknown architecture 'vgg'",
+    ),
     ("arch width mismatch", _edit_manifest(lambda d: d["arch"].update(width=1.0)), "level shapes"),
     ("input shape mismatch", _edit_manifest(lambda d: d["input"].update(shape=[3, 28, 28])), "input shape"),
     ("negative std", _edit_manifest(lambda d: d["input"].update(std=[-1.0])), "std"),

@@ -13,7 +13,13 @@ FAMILIES = ["lenet5", "resnet"]
 
 def make(arch: str, blocks: int, width: float = 1.0, outputs: int = 5, size: int = 28):
     return build_model(
-        {"arch": arch, "blocks": blocks, "width": width, "num_outputs": outputs, "input_shape": [1, size, size]}
+        {
+            "arch": arch,
+            "blocks": blocks,
+            "width": width,
+            "num_outputs": outputs,
+            "input_shape": [1, size, size],
+        }
     )
 
 

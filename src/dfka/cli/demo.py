@@ -26,9 +26,13 @@ def _demo(args: argparse.Namespace) -> int:
     info = stack_up()
     for key, value in info.env().items():
         os.environ.setdefault(key, value)
-    print(f"stack: S3 {info.s3_endpoint}  MLflow {info.mlflow_uri}  (started: {', '.join(info.started) or 'none'})")
+    print(
+        f"stack: S3 {info.s3_endpoint}  MLflow {info.mlflow_uri}  (started: {', '.join(info.started) or 'none'})"
+    )
     _zoo(argparse.Namespace(config=args.teachers, force=False, threads=args.threads))
     print(f"\nMLflow UI:   {info.mlflow_uri}  (experiment dfka-teachers)")
-    print(f"bundles:     s3://{info.bucket}/teachers/demo/  (S3 endpoint {info.s3_endpoint}; `dfka stack status`)")
+    print(
+        f"bundles:     s3://{info.bucket}/teachers/demo/  (S3 endpoint {info.s3_endpoint}; `dfka stack status`)"
+    )
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0

@@ -29,7 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     train.add_argument("--threads", type=int)
     train.set_defaults(func=_train)
 
-    zoo = cmds.add_parser("zoo", help="build every teacher of a config (cached: unchanged recipes are skipped)")
+    zoo = cmds.add_parser(
+        "zoo", help="build every teacher of a config (cached: unchanged recipes are skipped)"
+    )
     zoo.add_argument("config", help="e.g. configs/demo-teachers.yaml")
     zoo.add_argument("--force", action="store_true", help="retrain even if a matching bundle exists")
     zoo.add_argument("--threads", type=int)
@@ -95,7 +97,9 @@ def _show(args: argparse.Namespace) -> int:
 
     bundle = load_bundle(args.uri)
     print(bundle.manifest.model_dump_json(indent=2))
-    print(f"verified: sha256 and {len(bundle.model.state_dict())} tensors match {bundle.manifest.arch['arch']}")
+    print(
+        f"verified: sha256 and {len(bundle.model.state_dict())} tensors match {bundle.manifest.arch['arch']}"
+    )
     return 0
 
 

@@ -122,4 +122,5 @@ def freeze(module: nn.Module) -> nn.Module:
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
+        p.grad = None
     return module

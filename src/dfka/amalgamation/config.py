@@ -1,0 +1,127 @@
+"""The amalgamation configuration: every hyper-parameter, validated, with named loss weights.
+
+Unknown keys, wrong types and impossible values are rejected before any training starts. The ``dfka``
+preset (default) adds the terms that calibration showed to matter; ``paper`` turns them off so the
+ablation is one flag away.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class GanLoss(_Strict):
+    """Weights of the stage-1 loss L = L_oh + α·L_a + β·L_ie + γ·L_dis + consistency + bn + adv."""
+
+    oh: float = Field(1.0, ge=0)
+    a: float = Field(0.1, ge=0, description="α, activation loss")
+    ie: float = Field(5.0, ge=0, description="β, information-entropy (balance) loss")
+    dis: float = Field(1.0, ge=0, description="γ, discreteness: few labels / few owning teachers")
+    consistency: float = Field(1.0, ge=0, description="Eq. 11: intermediate levels agree with the image")
+    bn: float = Field(1.0, ge=0, description="BatchNorm-statistics matching (not in the paper)")
+    adv: float = Field(0.0, ge=0, description="adversarial student-teacher discrepancy (not in the paper)")
+
+
+class Budget(_Strict):
+    """How long a stage trains: a fixed number of steps (reproducible), or seconds (fixed after warm-up)."""
+
+    steps: int | None = Field(None, ge=1)
+    seconds: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _one(self) -> Budget:
+        if self.steps is not None and self.seconds is not None:
+            raise ValueError("give steps or seconds, not both")
+        return self
+
+
+class GanConfig(_Strict):
+    latent_dim: int = Field(100, ge=1)
+    widths: int | list[int] | None = Field(
+        None,
+        description="hidden width of every group (int) or per group (list of B); default 32, 16 for the image",
+    )
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(1e-3, gt=0)
+    budget: Budget = Budget(steps=2000)
+    loss: GanLoss = GanLoss()
+    adv_student_steps: int = Field(
+        1, ge=1, description="proxy-student KD steps per generator step when adv > 0"
+    )
+
+
+class ExportConfig(_Strict):
+    samples: int = Field(40000, ge=1)
+    shard_size: int = Field(10000, ge=1)
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+class BlocksConfig(_Strict):
+    """Stage 2: block-wise training of the dual generator (the future TargetNet)."""
+
+    batch_size: int = Field(64, ge=2)
+    lr: float = Field(2e-3, gt=0)
+    budget: Budget = Budget(steps=3000)
+    block_weights: list[float] | None = Field(
+        None, description="share of the budget per block; default equal"
+    )
+    lambda_teachers: dict[str, float] = Field(default_factory=dict, description="λ_m, default 1 per teacher")
+    lambda_stream1: float = Field(1.0, ge=0, description="λ¹: the student's own path from the image")
+    lambda_stream2: float = Field(1.0, ge=0, description="λ²: the generator's feature at the same level")
+    temperature: float = Field(1.0, gt=0)
+
+
+class RegroupConfig(_Strict):
+    """Stage 3: assemble the TargetNet; optional end-to-end fine-tune on generated samples."""
+
+    finetune: Budget | None = None
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(64, ge=2)
+    temperature: float = Field(1.0, gt=0)
+
+
+class UnionConfig(_Strict):
+    rule: Literal["logits", "softmax"] = "logits"
+    routing: Literal["none", "bias"] = Field("none", description="data-free routing calibration")
+
+
+class AmalgamationConfig(_Strict):
+    preset: Literal["dfka", "paper"] = "dfka"
+    student: str = Field("lenet5:0.5", description="registry spec, e.g. lenet5:0.5 or resnet:1:blocks=3")
+    target_labels: list[str] | None = None
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = Field(None, ge=1)
+    budget_minutes: float | None = Field(None, gt=0, description="split over the stages by budget_split")
+    budget_split: dict[Literal["gan", "blocks", "finetune"], float] = Field(
+        default_factory=lambda: {"gan": 0.4, "blocks": 0.6}
+    )
+    gan: GanConfig = GanConfig()
+    export: ExportConfig = ExportConfig()
+    blocks: BlocksConfig = BlocksConfig()
+    regroup: RegroupConfig = RegroupConfig()
+    union: UnionConfig = UnionConfig()
+
+    @model_validator(mode="after")
+    def _apply(self) -> AmalgamationConfig:
+        if any(v < 0 for v in self.budget_split.values()) or sum(self.budget_split.values()) <= 0:
+            raise ValueError("budget_split values must be >= 0 and sum to more than 0")
+        if self.preset == "paper":
+            # the paper's method only: no BN matching, no adversarial term, no fine-tune, no routing fit
+            self.gan.loss.bn = 0.0
+            self.gan.loss.adv = 0.0
+            self.regroup.finetune = None
+            self.union.routing = "none"
+        if self.budget_minutes is not None:
+            total = sum(self.budget_split.values())
+            seconds = {k: 60 * self.budget_minutes * v / total for k, v in self.budget_split.items()}
+            self.gan.budget = Budget(seconds=seconds.get("gan", 0) or 1.0)
+            self.blocks.budget = Budget(seconds=seconds.get("blocks", 0) or 1.0)
+            self.regroup.finetune = Budget(seconds=seconds["finetune"]) if seconds.get("finetune") else None
+        return self

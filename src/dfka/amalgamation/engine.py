@@ -1,0 +1,115 @@
+"""One training-loop contract for every stage.
+
+A step function takes ``(step, total_steps)`` and returns a dict with ``loss`` and its named parts
+(tensors, detached). The loop owns the budget, the progress bar, metric callbacks and checkpoint calls:
+
+* a budget in steps is exact and reproducible; a budget in seconds is turned into a step count after a
+  short warm-up, so learning-rate schedules know their length and the run records how many steps it took;
+* metrics are averaged over ``log_every`` steps and only then turned into Python floats (no per-step
+  ``.item()`` syncs);
+* the callback receives ``{"<prefix>.<name>": value}`` and the global step, which is what
+  ``dfka.tracking.Tracker`` consumes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from dfka.amalgamation.config import Budget
+
+StepFn = Callable[[int, int], dict[str, torch.Tensor]]
+MetricsCallback = Callable[[dict[str, float], int], None]
+CheckpointFn = Callable[[int], None]
+
+WARMUP_STEPS = 10
+
+
+@dataclass
+class LoopResult:
+    steps: int
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def steps_per_second(self) -> float:
+        return self.steps / self.seconds if self.seconds > 0 else float("nan")
+
+
+def run_loop(
+    step_fn: StepFn,
+    budget: Budget,
+    *,
+    desc: str,
+    prefix: str,
+    on_metrics: MetricsCallback | None = None,
+    progress: bool = True,
+    log_every: int = 25,
+    start_step: int = 0,
+    total_steps: int | None = None,
+    checkpoint: CheckpointFn | None = None,
+    checkpoint_every: int = 0,
+    step_offset: int = 0,
+) -> LoopResult:
+    """Run ``step_fn`` until the budget is spent; ``start_step``/``total_steps`` resume a cut-off run."""
+    total = total_steps or budget.steps or 0
+    by_time = total == 0
+    if by_time and budget.seconds is None:
+        raise ValueError("a budget needs steps or seconds")
+    started = time.perf_counter()
+    sums: dict[str, torch.Tensor] = {}
+    count = 0
+    last: dict[str, float] = {}
+    bar = tqdm(
+        total=total or None, initial=start_step, desc=desc, disable=not progress, leave=False, unit="step"
+    )
+    step = start_step
+    warm_start = 0.0
+    while True:
+        if not by_time and step >= total:
+            break
+        # The schedule needs a length: while timing the warm-up, tell the step a provisional one.
+        out = step_fn(step, total if total else 10**9)
+        step += 1
+        for k, v in out.items():
+            sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
+        count += 1
+        if by_time:
+            if step == 1:
+                warm_start = time.perf_counter()
+            elif step == WARMUP_STEPS + 1:
+                per_step = (time.perf_counter() - warm_start) / WARMUP_STEPS
+                remaining = budget.seconds - (time.perf_counter() - started)
+                total = max(step, step + math.floor(remaining / per_step))
+                by_time = False
+                bar.reset(total=total)
+                bar.update(step)
+        if count >= log_every or (not by_time and step >= total):
+            last = {f"{prefix}.{k}": float(v) / count for k, v in sums.items()}
+            bar.set_postfix({k.split(".", 1)[1]: f"{v:.3g}" for k, v in last.items()}, refresh=False)
+            if on_metrics:
+                on_metrics(last, step_offset + step)
+            sums, count = {}, 0
+        bar.update(1)
+        if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < total:
+            checkpoint(step)
+    bar.close()
+    return LoopResult(steps=step, seconds=time.perf_counter() - started, metrics=last)
+
+
+def cosine_lr(base: float, step: int, total: int, warmup: int = 0, floor: float = 0.05) -> float:
+    """Cosine decay from ``base`` to ``floor·base`` over ``total`` steps, with optional linear warm-up."""
+    if warmup and step < warmup:
+        return base * (step + 1) / warmup
+    t = min(1.0, (step - warmup) / max(1, total - warmup))
+    return base * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

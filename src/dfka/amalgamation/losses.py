@@ -1,0 +1,129 @@
+"""Named loss terms of the amalgamating GAN (paper Eqs. 5-8, DAFL, DeepInversion) and the hooks they use.
+
+Notation: ``z`` are a teacher's logits on a generated batch, ``p = softmax(z)`` (multi-class) or
+``y = σ(z)`` (multi-label), bars are batch means, ``f`` the teacher's pre-head feature.
+
+==========  ===========================================================  ====================================
+term        multi-class teacher                                          multi-label teacher
+==========  ===========================================================  ====================================
+``oh``      :math:`\\mathrm{CE}(z, \\arg\\max z)`                          :math:`\\mathrm{BCE}(y, [y \\ge ε])`, ε=0.5
+``ie``      :math:`\\sum_k \\bar p_k \\log \\bar p_k` (balance classes)      :math:`-\\frac1C\\sum_i H_b(\\bar y_i)`
+``dis``     entropy of the teacher-ownership distribution (few owners)   :math:`\\frac1C \\sum_i |y_i|` (sparsity)
+``a``       :math:`-\\operatorname{mean}|f|`                               same
+``bn``      :math:`\\sum_\\ell \\|\\mu_\\ell - \\hat\\mu_\\ell\\|_2 + \\|\\sigma^2_\\ell - \\hat\\sigma^2_\\ell\\|_2` over every teacher BN layer
+==========  ===========================================================  ====================================
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+EPSILON = 0.5  # pseudo-label threshold ε of Eq. 5
+
+
+def onehot_loss(z: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "multiclass":
+        return F.cross_entropy(z, z.argmax(1))
+    y = torch.sigmoid(z)
+    return F.binary_cross_entropy_with_logits(z, (y >= EPSILON).to(z.dtype))
+
+
+def info_entropy_loss(z: torch.Tensor, task: str) -> torch.Tensor:
+    if task == "multiclass":
+        p_bar = F.softmax(z, 1).mean(0)
+        return (p_bar * torch.log(p_bar + 1e-8)).sum()
+    y_bar = torch.sigmoid(z).mean(0).clamp(1e-6, 1 - 1e-6)
+    binary_entropy = -(y_bar * y_bar.log() + (1 - y_bar) * (1 - y_bar).log())
+    return -binary_entropy.mean()
+
+
+def sparsity_loss(z: torch.Tensor) -> torch.Tensor:
+    """Multi-label L_dis (Eq. 7): real images carry few positive labels."""
+    return torch.sigmoid(z).mean()
+
+
+def ownership_entropy(logits: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Multi-class L_dis: the entropy (in [0, 1], base M) of which teacher claims each sample.
+
+    Teacher ``m``'s claim on a sample is its share of the union softmax,
+    :math:`q_m \\propto \\exp\\operatorname{logsumexp}(z_m)`.
+    """
+    energies = torch.stack([torch.logsumexp(z, 1) for z in logits], 1)
+    q = F.softmax(energies, 1)
+    entropy = -(q * torch.log(q + 1e-8)).sum(1).mean()
+    return entropy / math.log(max(2, q.shape[1]))
+
+
+def activation_loss(features: Iterable[torch.Tensor]) -> torch.Tensor:
+    feats = list(features)
+    return -torch.stack([f.abs().mean() for f in feats]).mean()
+
+
+class BNStatsRecorder:
+    """Forward hooks on every BatchNorm layer of ``modules`` that measure how far a batch's statistics
+    are from the running statistics (DeepInversion). Only records while :attr:`active`.
+
+    Teachers' running statistics summarise their training data: matching them is standard for
+    data-free methods, and the model card says so.
+    """
+
+    def __init__(self, modules: Iterable[nn.Module]):
+        self.active = False
+        self.terms: list[torch.Tensor] = []
+        self._handles = []
+        for module in modules:
+            for m in module.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                    self._handles.append(m.register_forward_hook(self._hook))
+
+    @property
+    def num_layers(self) -> int:
+        return len(self._handles)
+
+    def _hook(
+        self, module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor
+    ):
+        if not self.active:
+            return
+        x = inputs[0]
+        dims = [0, *range(2, x.dim())]
+        var, mean = torch.var_mean(x, dim=dims, unbiased=False)
+        self.terms.append(
+            torch.linalg.vector_norm(mean - module.running_mean)
+            + torch.linalg.vector_norm(var - module.running_var)
+        )
+
+    def pop(self) -> torch.Tensor:
+        """Sum of the recorded terms since the last call, then reset."""
+        total = torch.stack(self.terms).sum() if self.terms else torch.zeros(())
+        self.terms = []
+        return total
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+class InputRecorder:
+    """Forward pre-hooks that keep the input of one submodule per key (e.g. each teacher's head)."""
+
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        self.values: dict[str, torch.Tensor] = {}
+        self._handles = [m.register_forward_pre_hook(self._make(k)) for k, m in modules.items()]
+
+    def _make(self, key: str):
+        def hook(_module: nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+            self.values[key] = inputs[0]
+
+        return hook
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []

@@ -1,0 +1,256 @@
+"""Stages 1-3 as composable functions, and ``amalgamate`` that chains them in one process.
+
+``dfka.stages`` calls the same functions with artifacts between them (one KFP component each);
+``amalgamate`` keeps everything in memory, which is what the CLI and the benchmarks use.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from dfka.amalgamation.config import AmalgamationConfig, Budget
+from dfka.amalgamation.engine import LoopResult, run_loop
+from dfka.amalgamation.regroup import FinetuneTrainer, TargetNet
+from dfka.amalgamation.routing import calibrate_routing
+from dfka.amalgamation.samples import SampleBank, Sampler
+from dfka.amalgamation.stage1 import AmalgamatingGAN, GanTrainer
+from dfka.amalgamation.stage2 import BlockTrainer, DualGenerator
+from dfka.amalgamation.teacher_set import TeacherSet
+from dfka.amalgamation.union import UnionRule
+from dfka.bundles import TeacherBundle
+from dfka.data.guard import data_free
+from dfka.models import BlockClassifier, build_model, parse_arch
+from dfka.runtime import pick_device, seed_everything, set_threads
+
+log = logging.getLogger(__name__)
+MetricsCallback = Callable[[dict[str, float], int], None]
+
+
+def teacher_set_from_bundles(
+    bundles: Sequence[TeacherBundle], target_labels: Sequence[str] | None
+) -> TeacherSet:
+    names = [b.name for b in bundles]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        from dfka.errors import CompatibilityError
+
+        raise CompatibilityError(
+            f"two teachers share the name(s) {dupes}", "give each teacher bundle a unique name"
+        )
+    return TeacherSet(
+        {b.name: b.model for b in bundles},
+        {b.name: b.labels for b in bundles},
+        {b.name: b.task for b in bundles},
+        target_labels,
+    )
+
+
+def build_student(spec: str, teachers: TeacherSet) -> BlockClassifier:
+    """The student from a registry spec; input shape and block count follow the teachers."""
+    partial = parse_arch(spec)
+    partial.setdefault("blocks", teachers.num_blocks)
+    first = next(iter(teachers.models.values()))
+    return build_model(
+        {**partial, "num_outputs": len(teachers.target_labels), "input_shape": list(teachers.input_shape)},
+        **first.normalization,
+    )
+
+
+@dataclass
+class StageReport:
+    """Wall-clock and throughput of one stage (what the closing table shows)."""
+
+    seconds: float
+    steps: int = 0
+    samples: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples / self.seconds if self.seconds > 0 else 0.0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": self.seconds,
+            "steps": self.steps,
+            "samples": self.samples,
+            "samples_per_second": self.samples_per_second,
+            **self.extra,
+        }
+
+
+def train_gan(
+    teachers: TeacherSet,
+    union: UnionRule,
+    cfg: AmalgamationConfig,
+    *,
+    device: torch.device,
+    on_metrics: MetricsCallback | None = None,
+    progress: bool = True,
+    student: BlockClassifier | None = None,
+) -> tuple[AmalgamatingGAN, StageReport]:
+    """Stage 1. ``student`` is only used as the proxy for the (optional) adversarial term."""
+    with data_free("stage 1: amalgamating GAN"):
+        seed_everything(cfg.seed)
+        gan = AmalgamatingGAN(teachers, union, cfg.gan, student=student)
+        trainer = GanTrainer(gan, cfg.seed, device)
+        result = run_loop(
+            trainer.step,
+            cfg.gan.budget,
+            desc="stage 1: GAN",
+            prefix="gan",
+            on_metrics=on_metrics,
+            progress=progress,
+        )
+    report = StageReport(
+        result.seconds, result.steps, result.steps * cfg.gan.batch_size, dict(result.metrics)
+    )
+    return gan, report
+
+
+def sample_bank(
+    gan: AmalgamatingGAN, cfg: AmalgamationConfig, *, device: torch.device, progress: bool = True
+) -> tuple[SampleBank, StageReport]:
+    """Draw the export's samples from the frozen generator (teachers score each image once)."""
+    with data_free("synthetic sample export"):
+        start = time.perf_counter()
+        sampler = Sampler(gan, seed=cfg.seed + 1, batch_size=512, device=device)
+        dtype = torch.float16 if cfg.export.dtype == "float16" else torch.float32
+        bank = SampleBank.generate(sampler, cfg.export.samples, dtype=dtype, progress=progress)
+    seconds = time.perf_counter() - start
+    return bank, StageReport(seconds, samples=len(bank))
+
+
+def train_blocks(
+    teachers: TeacherSet,
+    union: UnionRule,
+    bank: SampleBank,
+    cfg: AmalgamationConfig,
+    generator_channels: dict[int, int],
+    *,
+    device: torch.device,
+    on_metrics: MetricsCallback | None = None,
+    progress: bool = True,
+) -> tuple[DualGenerator, StageReport]:
+    """Stage 2: block ``b = 1..B`` in turn, each with its share of the budget."""
+    with data_free("stage 2: dual-generator block training"):
+        seed_everything(cfg.seed + 2)
+        student = build_student(cfg.student, teachers)
+        dual = DualGenerator(student, teachers, generator_channels)
+        rng = torch.Generator().manual_seed(cfg.seed + 2)
+        trainer = BlockTrainer(
+            dual, union, cfg.blocks, bank.batches(cfg.blocks.batch_size, rng, device), device
+        )
+        blocks = dual.num_blocks
+        shares = cfg.blocks.block_weights or [1.0] * blocks
+        if len(shares) != blocks:
+            from dfka.errors import ConfigError
+
+            raise ConfigError(f"blocks.block_weights has {len(shares)} entries for {blocks} blocks")
+        budgets = _split(cfg.blocks.budget, shares)
+        total_steps, total_seconds, extra = 0, 0.0, {}
+        for b in range(1, blocks + 1):
+            trainer.start_block(b)
+            result: LoopResult = run_loop(
+                trainer.step,
+                budgets[b - 1],
+                desc=f"stage 2: block {b}/{blocks}",
+                prefix=f"blocks.b{b}",
+                on_metrics=on_metrics,
+                progress=progress,
+                step_offset=total_steps,
+            )
+            total_steps += result.steps
+            total_seconds += result.seconds
+            extra[f"block{b}_steps"] = result.steps
+            extra[f"block{b}_seconds"] = result.seconds
+            extra.update(result.metrics)
+    report = StageReport(total_seconds, total_steps, total_steps * cfg.blocks.batch_size, extra)
+    return dual, report
+
+
+def regroup(
+    dual: DualGenerator,
+    union: UnionRule,
+    bank: SampleBank,
+    cfg: AmalgamationConfig,
+    *,
+    device: torch.device,
+    on_metrics: MetricsCallback | None = None,
+    progress: bool = True,
+) -> tuple[TargetNet, StageReport]:
+    """Stage 3: assemble the TargetNet; fine-tune end to end when ``regroup.finetune`` is set."""
+    with data_free("stage 3: regroup"):
+        start = time.perf_counter()
+        net = TargetNet.from_dual(dual, dual.teachers.label_tasks).to(device)
+        steps = 0
+        if cfg.regroup.finetune is not None:
+            rng = torch.Generator().manual_seed(cfg.seed + 3)
+            trainer = FinetuneTrainer(
+                net, union, cfg.regroup, bank.batches(cfg.regroup.batch_size, rng, device), device
+            )
+            result = run_loop(
+                trainer.step,
+                cfg.regroup.finetune,
+                desc="stage 3: fine-tune",
+                prefix="finetune",
+                on_metrics=on_metrics,
+                progress=progress,
+            )
+            steps = result.steps
+    net.eval()
+    return net, StageReport(time.perf_counter() - start, steps, steps * cfg.regroup.batch_size)
+
+
+def _split(budget: Budget, shares: Sequence[float]) -> list[Budget]:
+    total = sum(shares)
+    if budget.steps is not None:
+        return [Budget(steps=max(1, round(budget.steps * s / total))) for s in shares]
+    return [Budget(seconds=budget.seconds * s / total) for s in shares]
+
+
+@dataclass
+class AmalgamationResult:
+    targetnet: TargetNet
+    teachers: TeacherSet
+    union: UnionRule
+    gan: AmalgamatingGAN
+    bank: SampleBank
+    stages: dict[str, StageReport]
+
+
+def amalgamate(
+    bundles: Sequence[TeacherBundle],
+    cfg: AmalgamationConfig,
+    *,
+    on_metrics: MetricsCallback | None = None,
+    progress: bool = True,
+) -> AmalgamationResult:
+    """Stages 1-3 in one process: GAN, samples, block-wise dual generator, regroup."""
+    set_threads(cfg.threads)
+    device = pick_device(cfg.device)
+    teachers = teacher_set_from_bundles(bundles, cfg.target_labels).to(device)
+    union = UnionRule(teachers, cfg.union.rule).to(device)
+    proxy = build_student(cfg.student, teachers).to(device) if cfg.gan.loss.adv > 0 else None
+    stages: dict[str, StageReport] = {}
+    gan, stages["gan"] = train_gan(
+        teachers, union, cfg, device=device, on_metrics=on_metrics, progress=progress, student=proxy
+    )
+    bank, stages["export"] = sample_bank(gan, cfg, device=device, progress=progress)
+    if cfg.union.routing != "none":
+        with data_free("routing calibration"):
+            stages["export"].extra["routing"] = calibrate_routing(union, bank)
+    channels = {level: shape[0] for level, shape in enumerate(gan.generator_level_shapes())}
+    dual, stages["blocks"] = train_blocks(
+        teachers, union, bank, cfg, channels, device=device, on_metrics=on_metrics, progress=progress
+    )
+    net, stages["regroup"] = regroup(
+        dual, union, bank, cfg, device=device, on_metrics=on_metrics, progress=progress
+    )
+    return AmalgamationResult(net, teachers, union, gan, bank, stages)

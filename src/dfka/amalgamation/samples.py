@@ -1,0 +1,241 @@
+"""Synthetic samples: an on-the-fly sampler, an in-memory bank, and sharded checksummed exports.
+
+Each sample carries what stage 2 consumes: the latent ``z``, the image ``I_g``, the generator's
+intermediate features ``F_g`` at teacher levels ``1..B-1``, and every teacher's logits on the image.
+Teacher logits are stored raw, so the union rule and its routing calibration can change after export
+without re-running the teachers.
+
+Export layout (``uri`` is a local dir or ``s3://``)::
+
+    shard-00000.safetensors … shard-0000K.safetensors   written first
+    samples.json                                        written last: shard list, sha256s, counts, shapes
+
+A reader never sees a partial export (no ``samples.json`` until every shard is in place) and detects a
+corrupted shard by its sha256.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from dfka.amalgamation.stage1 import AmalgamatingGAN
+from dfka.bundles import sha256_file
+from dfka.errors import StorageError
+
+SAMPLES_MANIFEST = "samples.json"
+SAMPLES_FORMAT = "dfka.samples/v1"
+
+
+@dataclass
+class SampleBatch:
+    z: torch.Tensor
+    image: torch.Tensor
+    features: dict[int, torch.Tensor]  # teacher level -> generated feature
+    logits: dict[str, torch.Tensor]  # teacher name -> logits on the image
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> SampleBatch:
+        return SampleBatch(
+            self.z.to(device, dtype),
+            self.image.to(device, dtype),
+            {k: v.to(device, dtype) for k, v in self.features.items()},
+            {k: v.to(device, torch.float32) for k, v in self.logits.items()},
+        )
+
+
+class Sampler:
+    """Draws batches from a trained (frozen) generator and scores them with the teachers once.
+
+    The generator samples with BatchNorm in training mode (batch statistics), as it was trained; it is
+    never updated here.
+    """
+
+    def __init__(
+        self, gan: AmalgamatingGAN, seed: int, batch_size: int = 256, device: torch.device | None = None
+    ):
+        self.gan = gan
+        self.batch_size = batch_size
+        self.device = device or torch.device("cpu")
+        self.rng = torch.Generator().manual_seed(seed)
+
+    @torch.no_grad()
+    def sample(self, n: int | None = None) -> SampleBatch:
+        n = n or self.batch_size
+        gen = self.gan.generator
+        was_training = gen.training
+        gen.train()
+        z = torch.randn(n, gen.latent_dim, generator=self.rng).to(self.device)
+        # Use the forward of each group directly so BN running stats are not touched (momentum 0).
+        feats = _forward_no_stat_update(gen, z)
+        gen.train(was_training)
+        image = feats[-1]
+        levels = {gen.level_of_group(j): feats[j - 1] for j in range(1, gen.num_groups)}
+        logits = {name: model(image) for name, model in self.gan.teachers}
+        return SampleBatch(z, image, levels, logits)
+
+    def __iter__(self) -> Iterator[SampleBatch]:
+        while True:
+            yield self.sample()
+
+
+def _forward_no_stat_update(gen: torch.nn.Module, z: torch.Tensor) -> list[torch.Tensor]:
+    bns = [m for m in gen.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        return gen(z)
+    finally:
+        for m, mom in zip(bns, saved):
+            m.momentum = mom
+
+
+class SampleBank:
+    """A finite set of samples held in memory (images and features in float16 by default)."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor], teacher_names: list[str], levels: list[int]):
+        self.tensors = tensors
+        self.teacher_names = teacher_names
+        self.levels = levels
+
+    def __len__(self) -> int:
+        return self.tensors["image"].shape[0]
+
+    @classmethod
+    def generate(
+        cls, sampler: Sampler, n: int, dtype: torch.dtype = torch.float16, progress: bool = True
+    ) -> SampleBank:
+        parts: dict[str, list[torch.Tensor]] = {}
+        names: list[str] = []
+        levels: list[int] = []
+        done = 0
+        with tqdm(total=n, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
+            while done < n:
+                batch = sampler.sample(min(sampler.batch_size, n - done))
+                names, levels = list(batch.logits), sorted(batch.features)
+                for key, value in _flatten(batch).items():
+                    keep = value.float() if key.startswith("logits.") else value.to(dtype)
+                    parts.setdefault(key, []).append(keep.cpu())
+                done += len(batch)
+                bar.update(len(batch))
+        return cls({k: torch.cat(v) for k, v in parts.items()}, names, levels)
+
+    def batch(self, index: torch.Tensor, device: torch.device | None = None) -> SampleBatch:
+        t = {k: v[index] for k, v in self.tensors.items()}
+        batch = SampleBatch(
+            t["z"],
+            t["image"],
+            {lvl: t[f"feat.{lvl}"] for lvl in self.levels},
+            {name: t[f"logits.{name}"] for name in self.teacher_names},
+        )
+        return batch.to(device or torch.device("cpu"))
+
+    def batches(
+        self, batch_size: int, rng: torch.Generator, device: torch.device | None = None
+    ) -> Iterator[SampleBatch]:
+        """Endless shuffled mini-batches (a new permutation per pass)."""
+        while True:
+            order = torch.randperm(len(self), generator=rng)
+            for start in range(0, len(self) - batch_size + 1, batch_size):
+                yield self.batch(order[start : start + batch_size], device)
+
+
+def _flatten(batch: SampleBatch) -> dict[str, torch.Tensor]:
+    out = {"z": batch.z, "image": batch.image}
+    out.update({f"feat.{lvl}": f for lvl, f in batch.features.items()})
+    out.update({f"logits.{name}": v for name, v in batch.logits.items()})
+    return out
+
+
+class SamplesManifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    format: str = SAMPLES_FORMAT
+    count: int
+    teachers: list[str]
+    levels: list[int]
+    shapes: dict[str, list[int]]
+    dtype: str
+    shards: list[dict[str, str | int]]
+
+
+def export_bank(
+    bank: SampleBank, uri: str, shard_size: int = 10000, progress: bool = True
+) -> SamplesManifest:
+    """Write ``bank`` as sharded safetensors plus ``samples.json`` (manifest last)."""
+    from dfka import storage
+
+    shards = []
+    with tempfile.TemporaryDirectory(prefix="dfka-samples-") as tmp:
+        n = len(bank)
+        starts = list(range(0, n, shard_size))
+        for i, start in enumerate(tqdm(starts, desc="exporting shards", disable=not progress, leave=False)):
+            name = f"shard-{i:05d}.safetensors"
+            path = Path(tmp) / name
+            save_file(
+                {k: v[start : start + shard_size].contiguous() for k, v in bank.tensors.items()}, str(path)
+            )
+            entry = {"file": name, "count": min(shard_size, n - start), "sha256": sha256_file(path)}
+            storage.put_file(path, storage.join(uri, name))
+            path.unlink()
+            shards.append(entry)
+        manifest = SamplesManifest(
+            count=n,
+            teachers=bank.teacher_names,
+            levels=bank.levels,
+            shapes={k: list(v.shape[1:]) for k, v in bank.tensors.items()},
+            dtype=str(bank.tensors["image"].dtype).removeprefix("torch."),
+            shards=shards,
+        )
+        storage.put_bytes(manifest.model_dump_json(indent=2).encode(), storage.join(uri, SAMPLES_MANIFEST))
+    return manifest
+
+
+def read_manifest(uri: str) -> SamplesManifest:
+    from dfka import storage
+
+    key = storage.join(uri, SAMPLES_MANIFEST)
+    if not storage.exists(key):
+        raise StorageError(
+            f"no complete sample export at {uri} ({SAMPLES_MANIFEST} is missing)",
+            "run the export stage (it writes the manifest only after every shard is in place)",
+        )
+    return SamplesManifest.model_validate(json.loads(storage.get_bytes(key)))
+
+
+def iter_shards(uri: str) -> Iterator[dict[str, torch.Tensor]]:
+    """Stream an export shard by shard, verifying each shard's sha256 against the manifest."""
+    from dfka import storage
+
+    manifest = read_manifest(uri)
+    with tempfile.TemporaryDirectory(prefix="dfka-samples-") as tmp:
+        for entry in manifest.shards:
+            path = Path(tmp) / str(entry["file"])
+            storage.get_file(storage.join(uri, str(entry["file"])), path)
+            if sha256_file(path) != entry["sha256"]:
+                raise StorageError(
+                    f"sample shard {entry['file']} at {uri} is corrupted (sha256 mismatch)",
+                    "re-run the export stage to rewrite the samples",
+                )
+            yield load_file(str(path))
+            path.unlink()
+
+
+def read_bank(uri: str) -> SampleBank:
+    manifest = read_manifest(uri)
+    parts: dict[str, list[torch.Tensor]] = {}
+    for shard in iter_shards(uri):
+        for k, v in shard.items():
+            parts.setdefault(k, []).append(v)
+    return SampleBank({k: torch.cat(v) for k, v in parts.items()}, manifest.teachers, manifest.levels)

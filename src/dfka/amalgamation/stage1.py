@@ -1,0 +1,232 @@
+"""Stage 1: the amalgamating group-stack GAN (paper Eqs. 2-11).
+
+The frozen teachers are the discriminators. Per step, for a latent batch ``z``:
+
+1. ``F_g^1..F_g^B = G(z)``; the last is the image ``I_g``.
+2. Every teacher scores the image; the union rule turns their logits into ``O_g(I_g)`` over Y_cst.
+3. The image loss (Eq. 8 plus our extras), with named weights:
+
+   .. math::  L_{gan} = L_{oh} + α L_a + β L_{ie} + γ L_{dis} + w_{bn} L_{bn} - w_{adv} L_{adv}
+
+   For multi-class teachers the DAFL terms act on the union scores: the one-hot and balance terms then
+   pick and balance classes across all teachers at once, instead of pushing every teacher to be
+   confident on every image (which would breed images that no teacher really owns).
+4. Consistency (Eq. 11): each intermediate feature ``F_g^j``, passed through teacher ``m``'s filter
+   ``f_m^j`` and its last ``j`` blocks, must predict what the image predicts:
+
+   .. math::  L_{cons} = \\frac{1}{B-1}\\sum_{j<B} \\ell\\big(O_g(F_g^j),\\ \\mathrm{sg}[O_g(I_g)]\\big)
+
+   The image side is detached, so this term shapes the intermediate features and the per-group
+   adversarial losses of groups ``1..B-1`` are not computed (the paper says the consistency offsets them).
+
+Trainable: the generator groups and the filters ``f_m^j`` (``j<B``). Teachers never change.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from dfka.amalgamation.config import GanConfig
+from dfka.amalgamation.engine import cosine_lr, set_lr
+from dfka.amalgamation.filters import TeacherFilter
+from dfka.amalgamation.generator import GroupStackGenerator
+from dfka.amalgamation.losses import (
+    BNStatsRecorder,
+    InputRecorder,
+    activation_loss,
+    info_entropy_loss,
+    onehot_loss,
+    ownership_entropy,
+    sparsity_loss,
+)
+from dfka.amalgamation.teacher_set import TeacherSet
+from dfka.amalgamation.union import UnionRule, union_loss
+from dfka.errors import ConfigError
+from dfka.models import BlockClassifier
+
+
+def group_widths(widths: int | list[int] | None, num_groups: int) -> list[int]:
+    """Hidden width per group. Narrow by default (calibration: 32/32/16 beat 64/64/32 at equal time),
+    and the image group at half width."""
+    if widths is None:
+        widths = 32
+    if isinstance(widths, int):
+        return [widths] * (num_groups - 1) + [max(4, widths // 2)]
+    if len(widths) != num_groups:
+        raise ConfigError(
+            f"gan.widths lists {len(widths)} widths but the teachers have {num_groups} blocks",
+            f"give {num_groups} widths, or one number for all groups",
+        )
+    return list(widths)
+
+
+class AmalgamatingGAN(nn.Module):
+    """Generator, teacher-level filters and the frozen teachers, with the stage-1 losses."""
+
+    def __init__(
+        self, teachers: TeacherSet, union: UnionRule, cfg: GanConfig, student: BlockClassifier | None = None
+    ):
+        super().__init__()
+        self.cfg = cfg
+        self.teachers = teachers
+        self.union = union
+        blocks = teachers.num_blocks
+        levels = [teachers.input_shape] + [teachers.level_shape(level) for level in range(1, blocks)]
+        self.levels = levels
+        widths = group_widths(cfg.widths, blocks)
+        self.generator = GroupStackGenerator(levels, cfg.latent_dim, widths)
+        # filters[level][teacher] for the generated feature at teacher level 1..B-1 (f_m^B is the identity)
+        self.filters = nn.ModuleDict()
+        for level in range(1, blocks):
+            spatial = len(levels[level]) == 3
+            self.filters[str(level)] = nn.ModuleDict(
+                {
+                    name: TeacherFilter(levels[level][0], channels, spatial)
+                    for name, channels in teachers.level_channels(level).items()
+                }
+            )
+        self.bn_stats = BNStatsRecorder(teachers.models.values()) if cfg.loss.bn > 0 else None
+        self.pre_head = InputRecorder({name: model.head for name, model in teachers})
+        # DFAD-style proxy student, only when the adversarial term is on.
+        self.student = student if cfg.loss.adv > 0 else None
+
+    def generator_level_shapes(self) -> list[tuple[int, ...]]:
+        """Shapes of the generated levels ``0..B-1`` (image first), in the generator's widths."""
+        return list(self.levels)
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [*self.generator.parameters(), *self.filters.parameters()]
+
+    def teacher_union(self, image: torch.Tensor) -> torch.Tensor:
+        return self.union({name: model(image) for name, model in self.teachers})
+
+    def losses(self, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Named loss parts (unweighted) for a latent batch, plus the generated image."""
+        feats = self.generator(z)
+        image = feats[-1]
+        if self.bn_stats is not None:
+            self.bn_stats.active = True
+        logits = {name: model(image) for name, model in self.teachers}
+        if self.bn_stats is not None:
+            self.bn_stats.active = False
+        pre_head = dict(self.pre_head.values)
+        scores = self.union(logits)
+        mc = self.union.multiclass_mask
+        parts: dict[str, torch.Tensor] = {}
+        zero = scores.new_zeros(())
+        oh = ie = dis = zero
+        if mc.any():
+            oh = oh + onehot_loss(scores[:, mc], "multiclass")
+            ie = ie + info_entropy_loss(scores[:, mc], "multiclass")
+            mc_teachers = [
+                self.teachers.select(n, logits[n])
+                for n in self.teachers.names
+                if self.teachers.infos[n].task == "multiclass"
+            ]
+            if len(mc_teachers) > 1:
+                dis = dis + ownership_entropy(mc_teachers)
+        if not mc.all():
+            ml = ~mc
+            oh = oh + onehot_loss(scores[:, ml], "multilabel")
+            ie = ie + info_entropy_loss(scores[:, ml], "multilabel")
+            dis = dis + sparsity_loss(scores[:, ml])
+        parts["oh"], parts["ie"], parts["dis"] = oh, ie, dis
+        parts["a"] = activation_loss(pre_head.values())
+        parts["bn"] = self.bn_stats.pop() if self.bn_stats is not None else zero
+
+        blocks = self.teachers.num_blocks
+        if blocks > 1:
+            target = scores.detach()
+            cons = []
+            for j in range(1, blocks):
+                level = self.generator.level_of_group(j)
+                feat = feats[j - 1]
+                level_logits = {
+                    name: model.forward_from(self.filters[str(level)][name](feat), level)
+                    for name, model in self.teachers
+                }
+                cons.append(union_loss(self.union(level_logits), target, mc))
+            parts["consistency"] = torch.stack(cons).mean()
+        else:
+            parts["consistency"] = zero
+        if self.student is not None:
+            # generator seeks images where the proxy student disagrees with the teachers (DFAD)
+            parts["adv"] = -(self.student(image) - scores).abs().mean()
+        else:
+            parts["adv"] = zero
+        return parts, image
+
+    def weighted(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
+        w = self.cfg.loss
+        return (
+            w.oh * parts["oh"]
+            + w.a * parts["a"]
+            + w.ie * parts["ie"]
+            + w.dis * parts["dis"]
+            + w.bn * parts["bn"]
+            + w.consistency * parts["consistency"]
+            + w.adv * parts["adv"]
+        )
+
+
+class GanTrainer:
+    """Owns the optimiser and the latent RNG; ``step`` follows the engine's step contract."""
+
+    def __init__(self, gan: AmalgamatingGAN, seed: int, device: torch.device):
+        self.gan = gan.to(device)
+        self.device = device
+        self.cfg = gan.cfg
+        self.optimizer = torch.optim.Adam(gan.trainable_parameters(), lr=self.cfg.lr, betas=(0.5, 0.999))
+        self.student_optimizer = (
+            torch.optim.Adam(gan.student.parameters(), lr=self.cfg.lr) if gan.student is not None else None
+        )
+        self.rng = torch.Generator().manual_seed(seed)
+
+    def step(self, step: int, total: int) -> dict[str, torch.Tensor]:
+        self.gan.train()
+        lr = cosine_lr(self.cfg.lr, step, total)
+        set_lr(self.optimizer, lr)
+        z = torch.randn(self.cfg.batch_size, self.cfg.latent_dim, generator=self.rng).to(self.device)
+        parts, image = self.gan.losses(z)
+        loss = self.gan.weighted(parts)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        out = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+        if self.student_optimizer is not None:
+            out["student_kd"] = self._student_steps(image.detach())
+        return out
+
+    def _student_steps(self, image: torch.Tensor) -> torch.Tensor:
+        student = self.gan.student
+        with torch.no_grad():
+            target = self.gan.teacher_union(image)
+        for _ in range(self.cfg.adv_student_steps):
+            kd = union_loss(student(image), target, self.gan.union.multiclass_mask)
+            self.student_optimizer.zero_grad(set_to_none=True)
+            kd.backward()
+            self.student_optimizer.step()
+        return kd.detach()
+
+    def state_dict(self) -> dict:
+        """Everything a resumed run needs: trainable modules, optimiser, latent RNG (not the teachers)."""
+        state = {
+            "generator": self.gan.generator.state_dict(),
+            "filters": self.gan.filters.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "rng": self.rng.get_state(),
+        }
+        if self.student_optimizer is not None:
+            state["student"] = self.gan.student.state_dict()
+            state["student_optimizer"] = self.student_optimizer.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.gan.generator.load_state_dict(state["generator"])
+        self.gan.filters.load_state_dict(state["filters"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.set_state(state["rng"])
+        if self.student_optimizer is not None:
+            self.gan.student.load_state_dict(state["student"])
+            self.student_optimizer.load_state_dict(state["student_optimizer"])
