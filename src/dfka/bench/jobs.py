@@ -1,0 +1,390 @@
+"""One benchmark job = one (method, seed): load the cached teachers, train the method, score its final model.
+
+Jobs take and return plain data (:class:`JobSpec`, :class:`JobResult`), so the runner can execute them
+in-process or in separate worker processes (``--jobs N``) alike. Every job sets its torch thread count
+explicitly. Data-free methods run entirely inside :func:`~dfka.data.data_free`, so any attempt to read
+training images (by the method or anything it calls) raises :class:`~dfka.errors.DataFreeViolation`;
+``kd-real`` and ``layerwise`` get their unlabeled training images loaded here, outside the guard.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from dfka.amalgamation.config import AmalgamationConfig, Budget
+from dfka.amalgamation.run import StageReport, teacher_set_from_bundles
+from dfka.amalgamation.teacher_set import TeacherSet
+from dfka.amalgamation.union import UnionRule
+from dfka.bench.config import DATA_FREE, WITH_DATA, BenchmarkConfig
+from dfka.bench.evaluate import EvalSet, agreement, evaluate_model, evaluate_teachers, load_eval_set
+from dfka.bundles import TeacherBundle, load_bundle
+from dfka.data.guard import data_free
+from dfka.models import count_flops, count_params
+from dfka.runtime import pick_device, set_threads
+
+log = logging.getLogger(__name__)
+MetricsCallback = Callable[[dict[str, float], int], None]
+GRID_SAMPLES = 64
+
+
+# --- teachers -----------------------------------------------------------------------------------------
+
+
+def teacher_root(cfg: BenchmarkConfig) -> Path:
+    from dfka.settings import dfka_home
+
+    return Path(cfg.teacher_cache) if cfg.teacher_cache else dfka_home() / "bench" / "teachers"
+
+
+def prepare_teachers(
+    cfg: BenchmarkConfig, *, threads: int | None = None, progress: bool = True
+) -> dict[str, dict[str, Any]]:
+    """Train each teacher once: bundles live at ``<root>/<name>-<recipe sha[:12]>`` and are reused while
+    the recipe (dataset, labels, arch, epochs, seed, ...) is unchanged. Returns per-teacher records."""
+    from dfka.teachers import cached_manifest, recipe_for, recipe_sha, train_teacher
+
+    root = teacher_root(cfg)
+    out: dict[str, dict[str, Any]] = {}
+    for zoo in cfg.teachers:
+        recipe = recipe_for(zoo)
+        bundle = root / f"{zoo.name}-{recipe_sha(recipe)[:12]}"
+        manifest = cached_manifest(str(bundle), recipe)
+        cached = manifest is not None
+        if manifest is None:
+            log.info("training teacher %s -> %s", zoo.name, bundle)
+            manifest = train_teacher(recipe, str(bundle), threads=threads, progress=progress)
+        out[zoo.name] = {
+            "bundle": str(bundle),
+            "cached": cached,
+            "labels": list(manifest.labels),
+            "arch": dict(manifest.arch),
+            "task": manifest.task,
+            "recipe_sha256": manifest.training.get("recipe_sha256"),
+            "train_seconds": manifest.metrics.get("train_seconds"),
+            "test_metrics": {k: v for k, v in manifest.metrics.items() if k.startswith("test_")},
+            "epochs": manifest.training.get("epochs"),
+        }
+    return out
+
+
+def load_teachers(
+    cfg: BenchmarkConfig, teacher_dirs: dict[str, str], rule: str
+) -> tuple[list[TeacherBundle], TeacherSet, UnionRule]:
+    bundles = [load_bundle(teacher_dirs[t.name]) for t in cfg.teachers]
+    teachers = teacher_set_from_bundles(bundles, cfg.label_set())
+    return bundles, teachers, UnionRule(teachers, rule)
+
+
+def reference_metrics(
+    cfg: BenchmarkConfig, teacher_dirs: dict[str, str]
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Each teacher on its own labels, the ensemble on the union and per teacher, the teachers' cost;
+    and the ensemble's test scores (every job's ``agreement`` is measured against them)."""
+    from dfka.baselines.ensemble import TeacherEnsemble
+
+    rule = cfg.amalgamation_config(seed=0, threads=None).union.rule
+    _, teachers, union = load_teachers(cfg, teacher_dirs, rule)
+    ev = load_eval_set(cfg.dataset, teachers, cfg.task)
+    metrics, scores = evaluate_model(TeacherEnsemble(teachers, union), ev)
+    report = teachers.report()
+    reference = {
+        "ensemble": metrics,
+        "teachers": evaluate_teachers(teachers, ev),
+        "teachers_params": report["params_total"],
+        "teachers_flops": report["flops_total"],
+        "per_teacher": {
+            n: {"params": t["params"], "flops": t["flops"]} for n, t in report["teachers"].items()
+        },
+        "test_images": len(ev),
+        "subtask_images": {n: len(s.index) for n, s in ev.subtasks.items()},
+        "rule": rule,
+    }
+    return reference, scores.numpy()
+
+
+def ensemble_result(seed: int, reference: dict[str, Any], threads: int | None) -> JobResult:
+    """The ``ensemble`` row: the reference numbers (it trains nothing; the same for every seed)."""
+    return JobResult(
+        "ensemble",
+        seed,
+        "ok",
+        metrics={**reference["ensemble"], "agreement": 1.0},
+        params=int(reference["teachers_params"]),
+        flops=int(reference["teachers_flops"]),
+        threads=threads,
+    )
+
+
+# --- jobs -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class JobSpec:
+    benchmark: dict[str, Any]  # BenchmarkConfig.model_dump(by_alias=True)
+    method: str
+    seed: int
+    teacher_dirs: dict[str, str]
+    out_dir: str
+    threads: int | None
+    budget_minutes: float
+    reference_budget_minutes: float
+    progress: bool = False
+    reference_scores: np.ndarray | None = None  # the ensemble's test scores, for ``agreement``
+
+
+@dataclass
+class JobResult:
+    method: str
+    seed: int
+    status: str  # ok | failed
+    metrics: dict[str, float] = field(default_factory=dict)
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+    params: int | None = None
+    flops: int | None = None
+    samples_file: str | None = None
+    threads: int | None = None
+    budget_minutes: float | None = None
+    seconds_wall: float = 0.0
+    error: str | None = None
+    history: list[tuple[dict[str, float], int]] = field(default_factory=list)
+
+
+@dataclass
+class Trained:
+    model: nn.Module  # pixels in [0, 1] -> Y_cst scores
+    stages: dict[str, StageReport]
+    samples: torch.Tensor | None = None  # a few training inputs, for the sample grid
+
+
+@dataclass
+class JobContext:
+    cfg: BenchmarkConfig
+    amal: AmalgamationConfig
+    bundles: list[TeacherBundle]
+    teachers: TeacherSet
+    union: UnionRule
+    budget: Budget
+    reference_budget: Budget
+    device: torch.device
+    on_metrics: MetricsCallback | None
+    progress: bool
+    train_images: torch.Tensor | None = None
+
+
+@torch.no_grad()
+def generator_samples(
+    generator: nn.Module, latent_dim: int, n: int = GRID_SAMPLES, seed: int = 0
+) -> torch.Tensor:
+    """``n`` images from a plain generator, BatchNorm in batch-statistics mode as it was trained."""
+    z = torch.randn(n, latent_dim, generator=torch.Generator().manual_seed(seed))
+    generator.train()
+    return generator(z.to(next(generator.parameters()).device)).cpu()
+
+
+def _ensemble(ctx: JobContext) -> Trained:
+    from dfka.baselines.ensemble import build_ensemble
+
+    model, _ = build_ensemble(ctx.teachers, ctx.union)
+    return Trained(model, {})
+
+
+def _dfka(ctx: JobContext) -> Trained:
+    from dfka.amalgamation.run import amalgamate
+
+    result = amalgamate(ctx.bundles, ctx.amal, on_metrics=ctx.on_metrics, progress=ctx.progress)
+    samples = result.bank.tensors["image"][:GRID_SAMPLES].float()
+    return Trained(result.targetnet, dict(result.stages), samples)
+
+
+def _dafl(ctx: JobContext) -> Trained:
+    from dfka.baselines.dafl import train_dafl
+
+    student, gen, report = train_dafl(
+        ctx.teachers,
+        ctx.union,
+        ctx.amal,
+        ctx.budget,
+        device=ctx.device,
+        on_metrics=ctx.on_metrics,
+        progress=ctx.progress,
+    )
+    return Trained(student, {"train": report}, generator_samples(gen, ctx.amal.gan.latent_dim))
+
+
+def _dfad(ctx: JobContext) -> Trained:
+    from dfka.baselines.dfad import train_dfad
+
+    student, gen, report = train_dfad(
+        ctx.teachers,
+        ctx.union,
+        ctx.amal,
+        ctx.budget,
+        options=ctx.cfg.baselines.dfad,
+        device=ctx.device,
+        on_metrics=ctx.on_metrics,
+        progress=ctx.progress,
+    )
+    return Trained(student, {"train": report}, generator_samples(gen, ctx.amal.gan.latent_dim))
+
+
+def _noise(ctx: JobContext) -> Trained:
+    from dfka.baselines.noise import train_noise
+
+    student, source, report = train_noise(
+        ctx.teachers,
+        ctx.union,
+        ctx.amal,
+        ctx.budget,
+        options=ctx.cfg.baselines.noise,
+        device=ctx.device,
+        on_metrics=ctx.on_metrics,
+        progress=ctx.progress,
+    )
+    return Trained(student, {"train": report}, source(GRID_SAMPLES))
+
+
+def _kd_real(ctx: JobContext) -> Trained:
+    from dfka.baselines.kd_real import train_kd_real
+
+    assert ctx.train_images is not None
+    student, report = train_kd_real(
+        ctx.teachers,
+        ctx.union,
+        ctx.amal,
+        ctx.reference_budget,
+        ctx.train_images,
+        options=ctx.cfg.baselines.kd_real,
+        device=ctx.device,
+        on_metrics=ctx.on_metrics,
+        progress=ctx.progress,
+    )
+    return Trained(student, {"train": report})
+
+
+def _layerwise(ctx: JobContext) -> Trained:
+    from dfka.baselines.layerwise import train_layerwise
+
+    assert ctx.train_images is not None
+    student, stages = train_layerwise(
+        ctx.teachers,
+        ctx.union,
+        ctx.amal,
+        ctx.reference_budget,
+        ctx.train_images,
+        options=ctx.cfg.baselines.layerwise,
+        device=ctx.device,
+        on_metrics=ctx.on_metrics,
+        progress=ctx.progress,
+    )
+    return Trained(student, stages)
+
+
+TRAINERS: dict[str, Callable[[JobContext], Trained]] = {
+    "ensemble": _ensemble,
+    "dfka": _dfka,
+    "dafl": _dafl,
+    "dfad": _dfad,
+    "noise": _noise,
+    "kd-real": _kd_real,
+    "layerwise": _layerwise,
+}
+
+
+def load_train_images(cfg: BenchmarkConfig) -> torch.Tensor:
+    """Real training images of Y_cst's labels, as uint8 ``(N, C, H, W)``; their labels are dropped here."""
+    from dfka.data import load_split
+
+    train = load_split(cfg.dataset, "train", labels=cfg.label_set(), task=cfg.task)
+    return torch.from_numpy(np.ascontiguousarray(train.images))
+
+
+def train_method(ctx: JobContext, method: str) -> Trained:
+    """Train ``method``; data-free methods entirely inside the data-free guard."""
+    trainer = TRAINERS[method]
+    if method in DATA_FREE:
+        with data_free(f"benchmark {ctx.cfg.name}: {method}"):
+            return trainer(ctx)
+    return trainer(ctx)
+
+
+def stage_dicts(stages: dict[str, StageReport]) -> dict[str, dict[str, Any]]:
+    return {name: report.as_dict() for name, report in stages.items()}
+
+
+def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None) -> JobResult:
+    """Run one (method, seed) and score its final model; failures are returned, not raised."""
+    started = time.perf_counter()
+    result = JobResult(spec.method, spec.seed, "failed", budget_minutes=spec.budget_minutes)
+    history = result.history
+
+    def record(metrics: dict[str, float], step: int) -> None:
+        history.append((dict(metrics), step))
+        if on_metrics is not None:
+            on_metrics(metrics, step)
+
+    try:
+        result.threads = set_threads(spec.threads)
+        cfg = BenchmarkConfig.model_validate(spec.benchmark)
+        amal = cfg.amalgamation_config(spec.seed, result.threads, spec.budget_minutes)
+        device = pick_device(amal.device)
+        bundles, teachers, union = load_teachers(cfg, spec.teacher_dirs, amal.union.rule)
+        ev = load_eval_set(cfg.dataset, teachers, cfg.task)
+        ctx = JobContext(
+            cfg=cfg,
+            amal=amal,
+            bundles=bundles,
+            teachers=teachers.to(device),
+            union=union.to(device),
+            budget=Budget(seconds=60 * spec.budget_minutes),
+            reference_budget=Budget(seconds=60 * spec.reference_budget_minutes),
+            device=device,
+            on_metrics=record,
+            progress=spec.progress,
+            train_images=load_train_images(cfg) if spec.method in WITH_DATA else None,
+        )
+        trained = train_method(ctx, spec.method)
+        _score(result, trained, teachers, union, ev, spec)
+        result.status = "ok"
+    except Exception as err:  # one failed job must not lose the other jobs' results
+        log.error("%s seed %d failed: %s", spec.method, spec.seed, err)
+        result.error = f"{type(err).__name__}: {err}\n{traceback.format_exc(limit=8)}"
+    result.seconds_wall = time.perf_counter() - started
+    return result
+
+
+def _score(
+    result: JobResult, trained: Trained, teachers: TeacherSet, union: UnionRule, ev: EvalSet, spec: JobSpec
+) -> None:
+    from dfka.baselines.ensemble import TeacherEnsemble
+
+    model = trained.model.cpu().eval()
+    metrics, scores = evaluate_model(model, ev)
+    if spec.reference_scores is not None:
+        reference = torch.from_numpy(spec.reference_scores)
+    else:
+        _, reference = evaluate_model(TeacherEnsemble(teachers.cpu(), union.cpu()), ev)
+    metrics["agreement"] = agreement(scores, reference, ev.task)
+    result.metrics = metrics
+    result.stages = stage_dicts(trained.stages)
+    if spec.method == "ensemble":
+        report = teachers.report()
+        result.params, result.flops = int(report["params_total"]), int(report["flops_total"])
+    else:
+        result.params = count_params(model)
+        result.flops = count_flops(model, tuple(teachers.input_shape))
+    if trained.samples is not None:
+        name = BenchmarkConfig.model_validate(spec.benchmark).name
+        path = Path(spec.out_dir) / "samples" / f"{name}-{spec.method}-seed{spec.seed}.npy"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, trained.samples.detach().float().cpu().numpy().astype(np.float16), allow_pickle=False)
+        result.samples_file = str(path.relative_to(spec.out_dir))

@@ -1,0 +1,71 @@
+"""What a benchmark ran on: CPU model, cores, torch threads and version, date, code version."""
+
+from __future__ import annotations
+
+import os
+import platform
+import subprocess
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfka import __version__
+
+
+def cpu_model() -> str:
+    """The CPU's model name from ``/proc/cpuinfo`` (Linux), else what ``platform`` knows."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown CPU"
+
+
+def git_version() -> str | None:
+    """``git describe --always --dirty`` of the checkout dfka runs from, if it is one."""
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() or None
+
+
+def machine_info(threads: int | None = None, jobs: int = 1) -> dict[str, Any]:
+    """A JSON-able record of the machine and software; ``threads`` is torch's per-job thread count."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    return {
+        "cpu": cpu_model(),
+        "cores": os.cpu_count() or 1,
+        "threads": threads if threads is not None else torch.get_num_threads(),
+        "jobs": jobs,
+        "device": device,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(terse=True),
+        "dfka": __version__,
+        "git": git_version(),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+
+
+def describe(machine: dict[str, Any]) -> str:
+    """One line: ``Intel(R) Xeon(R) Processor, 2 cores, cpu, torch 2.13.0, 1 thread/job × 2 jobs``."""
+    jobs = machine.get("jobs", 1)
+    par = f" × {jobs} parallel jobs" if jobs and jobs > 1 else ""
+    return (
+        f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, {machine.get('device', 'cpu')}, "
+        f"torch {machine.get('torch', '?')}, {machine.get('threads', '?')} thread(s)/job{par}"
+    )

@@ -1,0 +1,453 @@
+"""Tables, plots and sample grids from a benchmark's ``<name>.json``; the summary and the README block.
+
+Everything here is regenerated from the result files alone (``dfka bench report``), so a table can be
+rebuilt, restyled or merged without re-running anything.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dfka.bench.config import DATA_FREE, KIND, METHODS, WITH_DATA
+from dfka.bench.machine import describe
+from dfka.bench.results import atomic_write, csv_path, json_path, load_results, sorted_runs, write_csv
+from dfka.errors import ConfigError
+
+README_START = "<!-- bench:start -->"
+README_END = "<!-- bench:end -->"
+METRIC_NAME = {"acc": "top-1 accuracy", "map": "mAP"}
+
+
+# --- statistics ----------------------------------------------------------------------------------------
+
+
+def mean_std(values: list[float]) -> tuple[float, float] | None:
+    vals = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return None
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def total_seconds(run: dict[str, Any]) -> float:
+    return sum(s.get("seconds", 0.0) for s in run.get("stages", {}).values())
+
+
+def method_stats(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Per method (successful runs only): seeds, and mean ± std of every metric and stage time."""
+    out: dict[str, dict[str, Any]] = {}
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for run in sorted_runs(data):
+        if run["status"] == "ok":
+            by_method.setdefault(run["method"], []).append(run)
+    for method, runs in by_method.items():
+        stats: dict[str, Any] = {"seeds": [r["seed"] for r in runs], "runs": runs}
+        keys = {k for r in runs for k in r.get("metrics", {})}
+        for k in keys:
+            stats[k] = mean_std([r["metrics"].get(k) for r in runs])
+        stats["seconds.total"] = mean_std([total_seconds(r) for r in runs])
+        stages = list(dict.fromkeys(s for r in runs for s in r.get("stages", {})))
+        stats["stages"] = stages
+        for s in stages:
+            stats[f"seconds.{s}"] = mean_std([r["stages"].get(s, {}).get("seconds") for r in runs])
+            stats[f"samples_per_second.{s}"] = mean_std(
+                [r["stages"].get(s, {}).get("samples_per_second") for r in runs]
+            )
+            stats[f"steps.{s}"] = mean_std([r["stages"].get(s, {}).get("steps") for r in runs])
+        stats["params"] = runs[0].get("params")
+        stats["flops"] = runs[0].get("flops")
+        stats["budgets"] = sorted({r.get("budget_minutes") for r in runs if r.get("budget_minutes")})
+        stats["threads"] = sorted({r.get("threads") for r in runs if r.get("threads")})
+        out[method] = stats
+    return out
+
+
+# --- formatting ----------------------------------------------------------------------------------------
+
+
+def pct(ms: tuple[float, float] | None, n: int = 1) -> str:
+    if ms is None:
+        return "—"
+    mean, std = ms
+    return f"{100 * mean:.2f}" if n <= 1 else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def secs(ms: tuple[float, float] | None, n: int = 1) -> str:
+    if ms is None:
+        return "—"
+    mean, std = ms
+    return f"{mean:.0f}" if n <= 1 or std < 0.5 else f"{mean:.0f} ± {std:.0f}"
+
+
+def human(n: float | None) -> str:
+    if n is None:
+        return "—"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def _budget_text(method: str, stats: dict[str, Any]) -> str:
+    if method == "ensemble":
+        return "—"
+    budgets = stats.get("budgets") or []
+    text = "/".join(f"{b:g}" for b in budgets) + " min" if budgets else "—"
+    return text + (" (real data)" if method in WITH_DATA else "")
+
+
+# --- the per-benchmark markdown -----------------------------------------------------------------------
+
+
+def benchmark_markdown(data: dict[str, Any]) -> str:
+    name, m = data["benchmark"], data["metric"]
+    ref = data.get("reference", {})
+    stats = method_stats(data)
+    teachers = list(data["teachers"])
+    cfg = data["config"]
+    machine = data.get("machine", {})
+    lines = [f"# Benchmark `{name}`", ""]
+    if data.get("description"):
+        lines += [data["description"], ""]
+    labels = data["label_set"]
+    span = f"{labels[0]}..{labels[-1]}" if len(labels) > 3 else ", ".join(labels)
+    lines += [
+        f"- **Y_cst**: {len(labels)} labels ({span}). Evaluated on {ref.get('test_images', '?')} real test images "
+        f"of `{cfg['dataset']}` with labels in Y_cst; metric: {METRIC_NAME[m]} (%). A teacher column is the "
+        + (
+            "method on that teacher's labels only (its test images, argmax restricted to its labels)."
+            if m == "acc"
+            else "method's mAP over that teacher's labels."
+        ),
+        "- **Final models only** (no best-epoch selection on the test set); mean ± std over the seeds shown.",
+        f"- **Budgets**: data-free methods ({', '.join(DATA_FREE)}) get the same wall-clock per seed; "
+        f"{', '.join(WITH_DATA)} learn from real unlabeled training images and are references, not competitors.",
+        "- **Wall-clock** counts training stages only (teacher training and evaluation are excluded; dfka's "
+        "includes its sample export and regroup). `agreement`: how often the model predicts what the ensemble does.",
+        f"- **Machine**: {describe(machine)}; updated {data.get('updated', '?')}"
+        + (f"; code {machine['git']}" if machine.get("git") else "")
+        + ".",
+        "",
+    ]
+    header = ["method", "kind", f"union {m}"] + [f"{t}" for t in teachers]
+    header += ["agreement", "params", "FLOPs", "budget", "seconds", "seconds per stage", "seeds"]
+    lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    tp, tf = ref.get("teachers_params"), ref.get("teachers_flops")
+    for t in teachers:
+        rec = data["teachers"][t]
+        own = ref.get("teachers", {}).get(f"teacher_{m}.{t}")
+        cells = [f"teacher `{t}`", "teacher, own labels", "—"]
+        cells += [pct((own, 0.0)) if u == t and own is not None else "—" for u in teachers]
+        per = ref.get("per_teacher", {}).get(t, {})
+        epochs = rec.get("epochs")
+        cells += [
+            "—",
+            human(per.get("params")),
+            human(per.get("flops")),
+            f"{epochs} epochs" if epochs else "—",
+            secs((rec["train_seconds"], 0.0)) if rec.get("train_seconds") else "—",
+            "train (real labels)",
+            "—",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    for method in METHODS:
+        if method not in stats:
+            continue
+        s = stats[method]
+        n = len(s["seeds"])
+        cells = [f"**{method}**" if method == "dfka" else method, KIND[method], pct(s.get(f"union_{m}"), n)]
+        cells += [pct(s.get(f"{m}.{t}"), n) for t in teachers]
+        params, flops = s.get("params"), s.get("flops")
+        cells += [
+            pct(s.get("agreement"), n),
+            human(params) + (f" ({params / tp:.2f}×)" if params and tp else ""),
+            human(flops) + (f" ({flops / tf:.2f}×)" if flops and tf else ""),
+            _budget_text(method, s),
+            secs(s.get("seconds.total"), n),
+            " · ".join(f"{st} {secs(s.get(f'seconds.{st}'))}" for st in s["stages"]) or "—",
+            str(n),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(
+        "Params and FLOPs in parentheses: relative to the teachers combined. FLOPs: 2 per multiply-add, one image."
+    )
+    lines.append("")
+
+    throughput = [
+        (method, st, s)
+        for method in METHODS
+        if (s := stats.get(method))
+        for st in s["stages"]
+        if s.get(f"samples_per_second.{st}")
+    ]
+    if throughput:
+        lines += ["## Throughput", "", "| method | stage | steps | samples/s |", "|---|---|---|---|"]
+        for method, st, s in throughput:
+            steps = s.get(f"steps.{st}")
+            sps = s.get(f"samples_per_second.{st}")
+            lines.append(f"| {method} | {st} | {steps[0]:.0f} | {sps[0]:.0f} |")
+        lines.append("")
+
+    notes = consistency_notes(data, stats)
+    failed = [r for r in sorted_runs(data) if r["status"] != "ok"]
+    if notes or failed:
+        lines += ["## Notes", ""]
+        lines += [f"- {n}" for n in notes]
+        for r in failed:
+            first = (r.get("error") or "").splitlines()[0] if r.get("error") else "unknown error"
+            lines.append(f"- **failed**: {r['method']} seed {r['seed']}: {first}")
+        lines.append("")
+
+    files = [f"[{csv_path('.', name).name}]({csv_path('.', name).name})", f"[{name}.json]({name}.json)"]
+    lines += [
+        "## Files",
+        "",
+        "- " + ", ".join(files),
+        f"- ![accuracy vs wall-clock]({name}-accuracy-vs-time.png)",
+    ]
+    for method in METHODS:
+        if any(r.get("samples_file") and r["method"] == method for r in data["runs"].values()):
+            lines.append(f"- samples seen by `{method}`: ![{method}]({name}-samples-{method}.png)")
+    return "\n".join(lines) + "\n"
+
+
+def consistency_notes(data: dict[str, Any], stats: dict[str, dict[str, Any]]) -> list[str]:
+    """Warnings when rows that should be comparable are not (different budgets or threads)."""
+    notes = []
+    free = {m: stats[m] for m in DATA_FREE if m in stats}
+    budgets = {b for s in free.values() for b in s["budgets"]}
+    if len(budgets) > 1:
+        detail = ", ".join(f"{m}: {'/'.join(f'{b:g}' for b in s['budgets'])} min" for m, s in free.items())
+        notes.append(f"data-free methods ran with different budgets ({detail}): not an equal-time comparison")
+    threads = {t for s in free.values() for t in s["threads"]}
+    if len(threads) > 1:
+        detail = ", ".join(f"{m}: {'/'.join(map(str, s['threads']))}" for m, s in free.items())
+        notes.append(f"data-free methods ran with different thread counts ({detail})")
+    seeds = {tuple(s["seeds"]) for m, s in stats.items() if m != "ensemble"}
+    if len(seeds) > 1:
+        notes.append(
+            "methods ran on different seed sets: " + ", ".join(f"{m}: {s['seeds']}" for m, s in stats.items())
+        )
+    return notes
+
+
+# --- plots -----------------------------------------------------------------------------------------------
+
+
+def plot_accuracy_vs_time(data: dict[str, Any], path: Path) -> Path:
+    """Final union metric against total training wall-clock, mean ± std over seeds, one point per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    m = data["metric"]
+    stats = method_stats(data)
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ens = data.get("reference", {}).get("ensemble", {}).get(f"union_{m}")
+    if ens is not None:
+        ax.axhline(100 * ens, color="0.4", ls="--", lw=1, label=f"ensemble {100 * ens:.2f}")
+    markers = {"dfka": "*", "dafl": "o", "dfad": "s", "noise": "x", "kd-real": "^", "layerwise": "v"}
+    for method in METHODS:
+        s = stats.get(method)
+        if method == "ensemble" or s is None or s.get(f"union_{m}") is None:
+            continue
+        (y, ey), (x, ex) = s[f"union_{m}"], s["seconds.total"]
+        hollow = method in WITH_DATA
+        ax.errorbar(
+            x,
+            100 * y,
+            xerr=ex,
+            yerr=100 * ey,
+            fmt=markers.get(method, "o"),
+            ms=11 if method == "dfka" else 7,
+            mfc="none" if hollow else None,
+            capsize=3,
+            label=f"{method}{' (real data)' if hollow else ''}",
+        )
+    ax.set_xlabel("training wall-clock per run (s)")
+    ax.set_ylabel(f"union {METRIC_NAME[m]} (%)")
+    n = max((len(s["seeds"]) for s in stats.values()), default=0)
+    ax.set_title(f"{data['benchmark']}: final models, mean ± std over {n} seed(s)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.text(0.01, 0.01, describe(data.get("machine", {})), fontsize=6, color="0.4")
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def sample_grid(images: np.ndarray, path: Path, columns: int = 8, title: str | None = None) -> Path:
+    """Save up to ``columns²`` images ``(N, C, H, W)`` in [0, 1] as one PNG grid."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    images = np.clip(images.astype(np.float32)[: columns * columns], 0, 1)
+    n, c, h, w = images.shape
+    rows = math.ceil(n / columns)
+    pad = 1
+    grid = np.ones((rows * (h + pad) + pad, columns * (w + pad) + pad, c), dtype=np.float32)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        grid[y : y + h, x : x + w] = images[i].transpose(1, 2, 0)
+    fig, ax = plt.subplots(figsize=(columns * 0.6 + 0.4, rows * 0.6 + (0.6 if title else 0.3)))
+    ax.imshow(grid[..., 0] if c == 1 else grid, cmap="gray" if c == 1 else None, vmin=0, vmax=1)
+    ax.axis("off")
+    if title:
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_sample_grids(out_dir: Path, data: dict[str, Any]) -> list[Path]:
+    """One grid per method with samples: from its lowest seed's saved images."""
+    paths = []
+    for method in METHODS:
+        runs = [r for r in sorted_runs(data) if r["method"] == method and r.get("samples_file")]
+        for run in runs:
+            src = out_dir / run["samples_file"]
+            if src.is_file():
+                images = np.load(src, allow_pickle=False)
+                title = f"{data['benchmark']}: {method} training inputs (seed {run['seed']})"
+                paths.append(
+                    sample_grid(images, out_dir / f"{data['benchmark']}-samples-{method}.png", title=title)
+                )
+                break
+    return paths
+
+
+def write_benchmark_outputs(out_dir: str | Path, name: str) -> dict[str, Path | list[Path]]:
+    """Regenerate the CSV, markdown, plot and sample grids of benchmark ``name`` from its JSON."""
+    out = Path(out_dir)
+    data = load_results(json_path(out, name))
+    if data is None:
+        raise ConfigError(f"no results for benchmark {name!r} in {out}", f"run `dfka bench run {name}` first")
+    md = out / f"{name}.md"
+    atomic_write(md, benchmark_markdown(data))
+    return {
+        "csv": write_csv(out, data),
+        "markdown": md,
+        "plot": plot_accuracy_vs_time(data, out / f"{name}-accuracy-vs-time.png"),
+        "grids": write_sample_grids(out, data),
+    }
+
+
+# --- the summary and the README block --------------------------------------------------------------------
+
+
+def all_results(out_dir: str | Path) -> list[dict[str, Any]]:
+    out = Path(out_dir)
+    found = [load_results(p) for p in sorted(out.glob("*.json")) if ".stale-" not in p.name]
+    return [d for d in found if d is not None]
+
+
+def headline_table(datas: list[dict[str, Any]], link_prefix: str = "") -> str:
+    """Benchmarks × methods: the union metric, mean ± std over seeds, plus each teacher on its labels."""
+    order = ["digits", "fashion", "three-teachers", "cross-domain", "multilabel", "custom-subset"]
+    datas = sorted(
+        datas, key=lambda d: (order.index(d["benchmark"]) if d["benchmark"] in order else 99, d["benchmark"])
+    )
+    methods = [m for m in METHODS if any(m in method_stats(d) for d in datas)]
+    header = ["benchmark", "metric", "teachers (own labels)", *methods, "budget"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for d in datas:
+        m = d["metric"]
+        stats = method_stats(d)
+        teachers = d.get("reference", {}).get("teachers", {})
+        own = " / ".join(pct((v, 0.0)) for v in teachers.values() if v is not None) or "—"
+        cells = [f"[{d['benchmark']}]({link_prefix}{d['benchmark']}.md)", m, own]
+        for method in methods:
+            s = stats.get(method)
+            cell = pct(s.get(f"union_{m}"), len(s["seeds"])) if s else "—"
+            cells.append(f"**{cell}**" if method == "dfka" and s else cell)
+        budgets = sorted({b for mm in DATA_FREE if mm in stats for b in stats[mm]["budgets"]})
+        cells.append("/".join(f"{b:g}" for b in budgets) + " min" if budgets else "—")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _machines(datas: list[dict[str, Any]]) -> str:
+    return "; ".join(dict.fromkeys(describe(d.get("machine", {})) for d in datas)) or "unknown"
+
+
+def _dates(datas: list[dict[str, Any]]) -> str:
+    dates = sorted({str(d.get("updated", ""))[:10] for d in datas if d.get("updated")})
+    return dates[-1] if len(dates) == 1 else (f"{dates[0]} to {dates[-1]}" if dates else "?")
+
+
+def summary_markdown(datas: list[dict[str, Any]]) -> str:
+    lines = [
+        "# Benchmark results",
+        "",
+        f"Updated {_dates(datas)} on {_machines(datas)}. Final models only; mean ± std over seeds; "
+        "data-free methods (dfka, dafl, dfad, noise) at equal wall-clock per benchmark; kd-real and layerwise "
+        "learn from real unlabeled images (references). Union metric in %; per-benchmark tables have the "
+        "per-teacher columns, params, FLOPs and wall-clock per stage.",
+        "",
+        headline_table(datas),
+        "",
+        "Regenerate with `dfka bench report` (tables, plots, this page) or `dfka bench report --update-readme`.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def readme_block(datas: list[dict[str, Any]], results_dir: str = "benchmarks/results") -> str:
+    prefix = results_dir.rstrip("/") + "/"
+    return "\n".join(
+        [
+            f"_Headline results, regenerated by `dfka bench report --update-readme` on {_dates(datas)}; "
+            f"machine: {_machines(datas)}. Final models, mean ± std over seeds; union metric in %. "
+            f"Full tables: [{prefix}README.md]({prefix}README.md)._",
+            "",
+            headline_table(datas, link_prefix=prefix),
+        ]
+    )
+
+
+def update_readme(readme: str | Path, block: str) -> Path:
+    """Replace what lies between the ``bench:start``/``bench:end`` markers of ``readme`` with ``block``."""
+    path = Path(readme)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found", "run from the repository root or pass --readme PATH")
+    text = path.read_text()
+    start, end = text.find(README_START), text.find(README_END)
+    if start < 0 or end < 0 or end < start:
+        raise ConfigError(
+            f"{path} has no {README_START} ... {README_END} block",
+            "add the two marker lines where the headline table should go",
+        )
+    new = text[: start + len(README_START)] + "\n" + block.strip() + "\n" + text[end:]
+    atomic_write(path, new)
+    return path
+
+
+def write_report(out_dir: str | Path, readme: str | Path | None = None) -> dict[str, Any]:
+    """Regenerate every benchmark's outputs in ``out_dir`` and its summary; optionally the README block."""
+    out = Path(out_dir)
+    datas = all_results(out)
+    if not datas:
+        raise ConfigError(f"no benchmark results in {out}", "run `dfka bench run NAME --out DIR` first")
+    written: dict[str, Any] = {d["benchmark"]: write_benchmark_outputs(out, d["benchmark"]) for d in datas}
+    summary = out / "README.md"
+    atomic_write(summary, summary_markdown(datas))
+    written["summary"] = summary
+    if readme is not None:
+        try:
+            rel = str(out.resolve().relative_to(Path(readme).resolve().parent))
+        except ValueError:
+            rel = str(out)
+        written["readme"] = update_readme(readme, readme_block(datas, rel))
+    return written

@@ -1,0 +1,141 @@
+"""``dfka bench``: run the benchmarks (dfka against its baselines), regenerate their reports, list them."""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+DEFAULT_OUT = "benchmarks/results"
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser("bench", help="run benchmarks of dfka against its baselines, and report them")
+    cmds = group.add_subparsers(dest="bench_command", required=True, metavar="SUBCOMMAND")
+
+    run = cmds.add_parser(
+        "run",
+        help="run one benchmark (seeds × methods) and write CSV, JSON, markdown, plots",
+        description="Train (or reuse) the benchmark's teachers, then every (method, seed), and write "
+        "OUT/NAME.csv, .json, .md, NAME-accuracy-vs-time.png and NAME-samples-METHOD.png. Re-runs replace "
+        "their (method, seed) rows; other rows stay.",
+    )
+    run.add_argument("name", help="benchmark name (benchmarks/NAME.yaml) or a YAML path")
+    run.add_argument("--seeds", help="comma-separated seeds (default: the YAML's, usually 0,1,2)")
+    run.add_argument(
+        "--methods", help="comma-separated subset of: ensemble,dfka,dafl,dfad,noise,kd-real,layerwise"
+    )
+    run.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT})")
+    run.add_argument("--budget-minutes", type=float, help="wall-clock per data-free (method, seed)")
+    run.add_argument("--reference-budget-minutes", type=float, help="wall-clock for kd-real and layerwise")
+    run.add_argument("--jobs", type=int, default=1, help="parallel worker processes, 1 torch thread each")
+    run.add_argument("--threads", type=int, help="torch threads per job (default: 1 with --jobs>1, else all)")
+    run.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    run.add_argument("--experiment", default="dfka-bench", help="MLflow experiment (default dfka-bench)")
+    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.set_defaults(func=_run)
+
+    report = cmds.add_parser(
+        "report",
+        help="regenerate tables, plots and the summary from the result files",
+        description="Rebuild every NAME.md/.csv/plot/grid in OUT from NAME.json, and OUT/README.md.",
+    )
+    report.add_argument("--out", default=DEFAULT_OUT, help=f"results directory (default {DEFAULT_OUT})")
+    report.add_argument(
+        "--update-readme",
+        action="store_true",
+        help="also replace the block between <!-- bench:start --> and <!-- bench:end --> in the README",
+    )
+    report.add_argument("--readme", default="README.md", help="README to update (default ./README.md)")
+    report.set_defaults(func=_report)
+
+    ls = cmds.add_parser("list", help="the available benchmarks, their budgets and result status")
+    ls.add_argument("--out", default=DEFAULT_OUT, help="results directory to report status from")
+    ls.add_argument("--jobs", type=int, default=2, help="parallel jobs assumed by the time estimate")
+    ls.set_defaults(func=_list)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from dfka.bench.runner import failure_summary, parse_list, run_benchmark
+
+    result = run_benchmark(
+        args.name,
+        seeds=parse_list(args.seeds, int),
+        methods=parse_list(args.methods),
+        out_dir=args.out,
+        budget_minutes=args.budget_minutes,
+        reference_budget_minutes=args.reference_budget_minutes,
+        jobs=args.jobs,
+        threads=args.threads,
+        mlflow=not args.no_mlflow,
+        experiment=args.experiment,
+        progress=not args.no_progress,
+    )
+    print(f"\n{result.outputs['markdown'].read_text()}")
+    print(f"written: {result.outputs['csv']}, {result.outputs['markdown']}, {result.outputs['plot']}")
+    error = failure_summary(result)
+    if error is not None:
+        raise error
+    return 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from dfka.bench.report import write_report
+
+    written = write_report(args.out, readme=args.readme if args.update_readme else None)
+    for name, outputs in written.items():
+        if isinstance(outputs, dict):
+            print(
+                f"{name}: {outputs['markdown']}, {outputs['csv']}, {outputs['plot']}, {len(outputs['grids'])} grid(s)"
+            )
+    print(f"summary: {written['summary']}")
+    if "readme" in written:
+        print(f"updated: {written['readme']}")
+    return 0
+
+
+def estimate_minutes(cfg, jobs: int) -> float:
+    """Rough wall-clock of a full run: jobs of equal budget packed onto ``jobs`` workers, plus overheads."""
+    from dfka.bench.config import DATA_FREE, WITH_DATA
+
+    per_seed = [cfg.budget_minutes for m in cfg.methods if m in DATA_FREE]
+    per_seed += [cfg.reference_minutes for m in cfg.methods if m in WITH_DATA]
+    durations = sorted((d + 0.3 for d in per_seed * len(cfg.seeds)), reverse=True)  # + load/eval/start-up
+    workers = [0.0] * max(1, jobs)
+    for d in durations:
+        workers[workers.index(min(workers))] += d
+    return max(workers)
+
+
+def _list(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dfka.bench.config import available_benchmarks, benchmarks_dir, load_benchmark
+    from dfka.bench.results import json_path, load_results
+    from dfka.errors import DfkaError
+
+    paths = available_benchmarks()
+    if not paths:
+        print(f"no benchmarks in {benchmarks_dir()}")
+        return 0
+    print(
+        f"{'name':<16} {'dataset':<14} {'teachers':>8} {'|Y_cst|':>7} {'budget':>8} {'seeds':<8} {'est.':>7}  results"
+    )
+    for path in paths:
+        try:
+            cfg = load_benchmark(path)
+        except DfkaError as err:
+            print(f"{path.stem:<16} invalid: {err.problem}")
+            continue
+        data = load_results(json_path(Path(args.out), cfg.name))
+        done = f"{sum(r['status'] == 'ok' for r in data['runs'].values())} runs" if data else "none"
+        est = estimate_minutes(cfg, args.jobs)
+        seeds = ",".join(map(str, cfg.seeds))
+        print(
+            f"{cfg.name:<16} {cfg.dataset:<14} {len(cfg.teachers):>8} {len(cfg.label_set()):>7} "
+            f"{cfg.budget_minutes:>6g}m {seeds:<8} {math.ceil(est):>5}m  {done}"
+        )
+        print(f"{'':<16} {cfg.description}  [methods: {', '.join(cfg.methods)}]")
+    print(
+        f"\nest.: wall-clock of a full run with --jobs {args.jobs} (training budgets + ~20 s per job), teachers excluded"
+    )
+    return 0
