@@ -1,0 +1,253 @@
+"""Run the whole pipeline on this machine: ``python -m pipelines.run_local --config configs/demo.yaml``.
+
+kfp.local runs each stage as a subprocess of this venv (``SubprocessRunner(use_venv=False)``) against
+the local SeaweedFS + MLflow stack (started if the environment does not point at one). The run gets an
+id ``local-…`` that every stage reads from ``DFKA_KFP_RUN_ID``: the MLflow parent run is tagged with it
+and every stage publishes its output to ``s3://<bucket>/runs/<run-id>/<stage>/``, as on a cluster.
+Prints the results table, the wall-clock per stage and the links; ``--results-json`` writes it all.
+"""
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from dfka import storage
+from dfka.errors import DfkaError
+from dfka.pipeline_config import GIT_COMMIT_ENV, RUN_ID_ENV, STAGES, ExperimentConfig, RetrySettings
+from dfka.settings import default_bucket, dfka_home, load_stack_env, redact
+from dfka.stages.context import (
+    experiment_id,
+    find_parent,
+    new_local_run_id,
+    object_store_configured,
+    run_url,
+)
+
+log = logging.getLogger("dfka.pipeline")
+
+
+def git_commit(cwd: Path | None = None) -> str:
+    """``HEAD`` (12 hex), with ``-dirty`` when tracked files differ from it; ``unknown`` outside git."""
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = (
+            subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=cwd, capture_output=True).returncode != 0
+        )
+        return f"{head}-dirty" if dirty else head
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def ensure_stack() -> dict[str, str]:
+    """Use the stack the environment points at, or start (or reuse) the local one."""
+    load_stack_env()
+    if os.environ.get("MLFLOW_TRACKING_URI") and object_store_configured():
+        return {}
+    from dfka.stack import stack_up
+
+    info = stack_up()
+    applied = {k: v for k, v in info.env().items() if not os.environ.get(k)}
+    os.environ.update(applied)
+    print(
+        f"stack: S3 {info.s3_endpoint}  MLflow {info.mlflow_uri}  (started: {', '.join(info.started) or 'none'})"
+    )
+    return applied
+
+
+def run(
+    config_path: str,
+    *,
+    local_root: str | None = None,
+    run_id: str | None = None,
+    verbose: bool = False,
+) -> dict[str, Any]:
+    """Run the pipeline locally; return the summary (results, per-stage times, links)."""
+    from kfp import local
+
+    from pipelines.dfka_pipeline import build
+
+    cfg = ExperimentConfig.load(config_path)
+    ensure_stack()
+    run_id = run_id or new_local_run_id()
+    os.environ[RUN_ID_ENV] = run_id
+    os.environ.setdefault(GIT_COMMIT_ENV, git_commit())
+    os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(cfg.pipeline.threads)
+    root = Path(local_root or cfg.pipeline.local_root or dfka_home() / "pipeline-runs").absolute()
+    root.mkdir(parents=True, exist_ok=True)
+    bucket = cfg.pipeline.bucket or default_bucket()
+    # kfp.local warns per task that the image name has no "python" in it and that resources, accelerators
+    # and retries are cluster-only settings: true, and expected here
+    warnings.filterwarnings("ignore", message=".*custom or non-Python base image.*")
+    warnings.filterwarnings("ignore", message=".*no effect in the current local runner.*")
+    local.init(
+        runner=local.SubprocessRunner(use_venv=False),
+        pipeline_root=str(root),
+        enable_caching=cfg.pipeline.caching,
+        raise_on_error=True,
+    )
+    logfile = root / f"{run_id}.log"
+    print(f"dfka pipeline: run {run_id}, config {config_path}")
+    print(f"  stage outputs {root}, stage logs {logfile}" + ("" if verbose else " (--verbose streams them)"))
+    # kfp.local honours retries with their real backoff (60 s, 120 s, ...): locally a failure is a bug,
+    # not a preempted node, so it should surface at once
+    settings = cfg.pipeline.model_copy(update={"retries": RetrySettings(num_retries=0)})
+    started = time.perf_counter()
+    try:
+        with contextlib.ExitStack() as stack:
+            if not verbose:  # kfp.local prints each stage's output (and its full executor input) to stdout
+                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(logfile.open("w"))))
+            build(settings)(**cfg.pipeline_arguments())
+    except BaseException:
+        _fail_parent(cfg.experiment, run_id)
+        if not verbose and logfile.is_file():
+            tail = logfile.read_text(errors="replace").splitlines()[-40:]
+            print("\n".join(["", f"--- last lines of {logfile} ---", *tail]), file=sys.stderr)
+        raise
+    seconds = time.perf_counter() - started
+    summary = collect(cfg, run_id, bucket, root, seconds)
+    summary["config"] = str(config_path)
+    summary["log"] = str(logfile)
+    return summary
+
+
+def _fail_parent(experiment: str, run_id: str) -> None:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return
+    with contextlib.suppress(Exception):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        parent = find_parent(client, experiment, run_id)
+        if parent:
+            client.set_terminated(parent, status="FAILED")
+
+
+def _stage_result(bucket: str, run_id: str, root: Path, stage: str, started: float) -> dict[str, Any] | None:
+    published = f"s3://{bucket}/runs/{run_id}/{stage}/result.json"
+    with contextlib.suppress(DfkaError):
+        if storage.exists(published):
+            return json.loads(storage.get_bytes(published))
+    # not published (no object store): the newest local output of this stage
+    candidates = [p for p in root.glob(f"*/{stage}/*/result.json") if p.stat().st_mtime >= started]
+    return json.loads(max(candidates, key=lambda p: p.stat().st_mtime).read_text()) if candidates else None
+
+
+def collect(cfg: ExperimentConfig, run_id: str, bucket: str, root: Path, seconds: float) -> dict[str, Any]:
+    started = time.time() - seconds - 1
+    stages: dict[str, Any] = {}
+    evaluation: dict[str, Any] | None = None
+    registered: dict[str, Any] | None = None
+    for stage in STAGES:
+        result = _stage_result(bucket, run_id, root, stage, started)
+        if result is None:  # a cache hit re-uses an older run's output and publishes nothing new
+            stages[stage] = {"cached": True}
+            continue
+        stages[stage] = {
+            "seconds": result.get("seconds"),
+            "process_seconds": result.get("process_seconds"),
+            "loop_seconds": (result.get("report") or {}).get("seconds"),
+            "published": result.get("published"),
+            "mlflow_run_id": result.get("mlflow_run_id"),
+        }
+        if stage == "evaluate":
+            evaluation = result
+        if stage == "regroup-target-net":
+            registered = result.get("registered_model")
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "seconds": seconds,
+        "stages": stages,
+        "bucket": f"s3://{bucket}/runs/{run_id}/",
+        "s3_endpoint": os.environ.get("DFKA_S3_ENDPOINT", ""),
+        "registered_model": registered,
+    }
+    if evaluation is not None:
+        summary.update(
+            metrics=evaluation["metrics"], results=evaluation["results"], markdown=evaluation["markdown"]
+        )
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        with contextlib.suppress(Exception):
+            from mlflow.tracking import MlflowClient
+
+            client = MlflowClient(uri)
+            parent = find_parent(client, cfg.experiment, run_id)
+            if parent:
+                summary["mlflow"] = {
+                    "experiment": cfg.experiment,
+                    "parent_run_id": parent,
+                    "url": run_url(uri, experiment_id(client, cfg.experiment), parent),
+                }
+    return summary
+
+
+def render(summary: dict[str, Any]) -> str:
+    lines = ["", summary.get("markdown") or "(no results: the evaluate stage did not publish any)", ""]
+    lines.append(f"{'stage':<30} {'stage wall':>11} {'process':>9} {'main loop':>10}")
+    for stage, s in summary["stages"].items():
+        if s.get("cached"):
+            lines.append(f"{stage:<30} {'cached':>11}")
+            continue
+
+        def sec(v: Any) -> str:
+            return f"{v:.1f} s" if isinstance(v, (int, float)) else "–"
+
+        lines.append(
+            f"{stage:<30} {sec(s['seconds']):>11} {sec(s['process_seconds']):>9} {sec(s['loop_seconds']):>10}"
+        )
+    lines.append(f"{'pipeline (kfp.local, end to end)':<30} {summary['seconds']:>9.1f} s")
+    lines.append("")
+    if summary.get("mlflow"):
+        m = summary["mlflow"]
+        lines.append(f"MLflow:  {m['url']}  (experiment {m['experiment']})")
+    if summary.get("registered_model"):
+        r = summary["registered_model"]
+        lines.append(f"model:   {r['name']} version {r['version']}  ({r['model_uri']})")
+    endpoint = f"  (S3 endpoint {summary['s3_endpoint']})" if summary.get("s3_endpoint") else ""
+    lines.append(f"bucket:  {summary['bucket']}{endpoint}")
+    return "\n".join(lines)
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines.run_local", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument("--config", required=True, help="experiment config, e.g. configs/demo.yaml")
+    parser.add_argument(
+        "--local-root",
+        help="kfp.local output folder (default: pipeline.local_root or $DFKA_HOME/pipeline-runs)",
+    )
+    parser.add_argument("--run-id", help="run id (default local-<time>-<random>)")
+    parser.add_argument("--results-json", help="also write the summary here")
+    parser.add_argument(
+        "--verbose", action="store_true", help="stream the stages' logs instead of writing them to a file"
+    )
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        summary = run(args.config, local_root=args.local_root, run_id=args.run_id, verbose=args.verbose)
+    except DfkaError as err:
+        print(redact(f"error: {err}"), file=sys.stderr)
+        return 2
+    except RuntimeError as err:  # kfp.local: "Pipeline 'dfka' finished with status FAILURE ..."
+        print(redact(f"error: {err}"), file=sys.stderr)
+        return 1
+    print(render(summary))
+    if args.results_json:
+        Path(args.results_json).write_text(json.dumps(summary, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

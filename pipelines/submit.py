@@ -1,0 +1,185 @@
+"""Submit the compiled pipeline to a KFP API: ``python -m pipelines.submit --host URL [--experiment E]``.
+
+It loads ``pipelines/dfka_pipeline.yaml`` (or ``--package``), checks the run parameters against the
+pipeline's inputs, and creates a run with ``kfp.Client.create_run_from_pipeline_package``. Parameters
+come from ``--config`` (an experiment config's values) and/or ``--param key=value`` (JSON values
+allowed: ``teachers='["s3://a","s3://b"]'``). ``--dry-run`` prints the request body instead.
+
+Tested against a loopback stand-in of the KFP v2beta1 REST API only, never a real KFP server.
+"""
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from dfka.errors import ConfigError
+from dfka.pipeline_config import ExperimentConfig
+
+DEFAULT_PACKAGE = Path(__file__).with_name("dfka_pipeline.yaml")
+_KINDS = {
+    "STRING": str,
+    "NUMBER_INTEGER": int,
+    "NUMBER_DOUBLE": float,
+    "BOOLEAN": bool,
+    "LIST": list,
+    "STRUCT": dict,
+}
+
+
+def load_package(package: Path) -> dict[str, Any]:
+    """The compiled YAML: the pipeline spec, and the kubernetes platform spec when present."""
+    if not package.is_file():
+        raise ConfigError(f"pipeline package {package} not found", "run `dfka pipeline compile` first")
+    docs = [d for d in yaml.safe_load_all(package.read_text()) if d]
+    spec = docs[0]
+    if "root" not in spec or "deploymentSpec" not in spec:
+        raise ConfigError(
+            f"{package} is not a compiled KFP pipeline", "compile it with `dfka pipeline compile`"
+        )
+    platform = docs[1] if len(docs) > 1 else None
+    return {"pipeline_spec": spec, "platform_spec": platform}
+
+
+def check_parameters(spec: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """Reject unknown names and values of the wrong type (ints may be given for doubles)."""
+    inputs = spec["root"].get("inputDefinitions", {}).get("parameters", {})
+    unknown = sorted(set(params) - set(inputs))
+    if unknown:
+        raise ConfigError(f"unknown pipeline parameter(s) {unknown}", f"valid: {', '.join(sorted(inputs))}")
+    for name, value in params.items():
+        kind = inputs[name]["parameterType"]
+        want = _KINDS.get(kind)
+        ok = want is None or isinstance(value, want) or (want is float and isinstance(value, int))
+        if want is int and isinstance(value, bool):
+            ok = False
+        if not ok:
+            raise ConfigError(f"parameter {name} must be {kind}, got {type(value).__name__} {value!r}")
+    return params
+
+
+def run_request(
+    package: Path,
+    *,
+    params: dict[str, Any],
+    experiment_id: str,
+    run_name: str,
+    pipeline_root: str | None = None,
+    service_account: str | None = None,
+) -> dict[str, Any]:
+    """The body of ``POST /apis/v2beta1/runs`` that a submission sends (what ``--dry-run`` prints)."""
+    loaded = load_package(package)
+    spec = loaded["pipeline_spec"]
+    body: dict[str, Any] = {
+        "display_name": run_name,
+        "experiment_id": experiment_id,
+        "pipeline_spec": {k: v for k, v in loaded.items() if v is not None},
+        "runtime_config": {"parameters": check_parameters(spec, params)},
+    }
+    root = pipeline_root or spec.get("defaultPipelineRoot")
+    if root:
+        body["runtime_config"]["pipeline_root"] = root
+    if service_account:
+        body["service_account"] = service_account
+    return body
+
+
+def submit(
+    host: str,
+    package: Path,
+    *,
+    params: dict[str, Any],
+    experiment: str,
+    run_name: str,
+    namespace: str | None = None,
+    pipeline_root: str | None = None,
+    service_account: str | None = None,
+    token: str | None = None,
+) -> dict[str, str]:
+    import kfp
+
+    check_parameters(load_package(package)["pipeline_spec"], params)
+    client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token)
+    result = client.create_run_from_pipeline_package(
+        str(package),
+        arguments=params,
+        run_name=run_name,
+        experiment_name=experiment,
+        namespace=namespace,
+        pipeline_root=pipeline_root,
+        service_account=service_account,
+    )
+    return {"run_id": result.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{result.run_id}"}
+
+
+def parse_params(items: list[str]) -> dict[str, Any]:
+    from kfp.cli.utils.parsing import parse_parameter_value  # the same rules as `kfp run create k=v`
+
+    params = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"bad --param {item!r}", "write --param key=value")
+        params[key] = parse_parameter_value(value)
+    return params
+
+
+def main(argv: list | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipelines.submit", description=__doc__.splitlines()[0])
+    parser.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://127.0.0.1:8888")
+    parser.add_argument("--experiment", default="dfka", help="KFP experiment (default %(default)s)")
+    parser.add_argument("--run-name", help="default: dfka-<experiment config name or 'run'>")
+    parser.add_argument("--package", default=str(DEFAULT_PACKAGE), help="compiled YAML (default %(default)s)")
+    parser.add_argument("--config", help="take the run parameters from this experiment config")
+    parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a run parameter")
+    parser.add_argument("--namespace", help="KFP namespace (multi-user: your profile namespace)")
+    parser.add_argument("--pipeline-root", help="default: the package's (s3://dfka/pipeline-root)")
+    parser.add_argument("--service-account", help="e.g. dfka-pipeline-runner (k8s/base/pipeline-rbac.yaml)")
+    parser.add_argument("--token", help="bearer token for an authenticated KFP endpoint (or DFKA_KFP_TOKEN)")
+    parser.add_argument("--dry-run", action="store_true", help="print the run request instead of sending it")
+    args = parser.parse_args(argv)
+    try:
+        params: dict[str, Any] = {}
+        if args.config:
+            params.update(ExperimentConfig.load(args.config).pipeline_arguments())
+        params.update(parse_params(args.param))
+        run_name = args.run_name or f"dfka-{Path(args.config).stem if args.config else 'run'}"
+        package = Path(args.package)
+        if args.dry_run:
+            body = run_request(
+                package,
+                params=params,
+                experiment_id=f"<id of KFP experiment {args.experiment}>",
+                run_name=run_name,
+                pipeline_root=args.pipeline_root,
+                service_account=args.service_account,
+            )
+            body["pipeline_spec"] = (
+                f"<{package}: {len(body['pipeline_spec']['pipeline_spec']['root']['dag']['tasks'])} tasks>"
+            )
+            print(json.dumps(body, indent=2))
+            return 0
+        out = submit(
+            args.host,
+            package,
+            params=params,
+            experiment=args.experiment,
+            run_name=run_name,
+            namespace=args.namespace,
+            pipeline_root=args.pipeline_root,
+            service_account=args.service_account,
+            token=args.token or os.environ.get("DFKA_KFP_TOKEN") or None,
+        )
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(f"submitted run {out['run_id']}: {out['url']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,94 @@
+"""``dfka pipeline run|compile|submit``: the KFP pipeline, locally or on a cluster.
+
+The pipeline code (``pipelines/``, ``components/``) imports kfp and dfka never does, so each command
+runs ``python -m pipelines.<module>`` from the repository in a subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    group = sub.add_parser(
+        "pipeline", help="run the KFP pipeline locally, compile it, submit it to a cluster"
+    )
+    cmds = group.add_subparsers(dest="pipeline_command", required=True, metavar="ACTION")
+
+    run = cmds.add_parser("run", help="run all six stages locally with kfp.local against the local stack")
+    run.add_argument("--config", required=True, help="experiment config, e.g. configs/demo.yaml")
+    run.add_argument("--local-root", help="kfp.local output folder (default $DFKA_HOME/pipeline-runs)")
+    run.add_argument("--results-json", help="also write the run summary (JSON) here")
+    run.add_argument("--verbose", action="store_true", help="stream the stage logs (default: to a log file)")
+    run.set_defaults(func=_run)
+
+    comp = cmds.add_parser(
+        "compile", help="compile the pipeline YAML (default: pipelines/dfka_pipeline.yaml)"
+    )
+    comp.add_argument("--out", help="output file (default pipelines/dfka_pipeline.yaml)")
+    comp.add_argument("--config", help="bake an experiment config's pipeline settings and values in")
+    comp.set_defaults(func=_compile)
+
+    sub_ = cmds.add_parser("submit", help="submit the compiled YAML to a KFP API")
+    sub_.add_argument("--host", required=True, help="KFP API endpoint, e.g. http://127.0.0.1:8888")
+    sub_.add_argument("--experiment", default="dfka", help="KFP experiment (default %(default)s)")
+    sub_.add_argument("--run-name")
+    sub_.add_argument("--package", help="compiled YAML (default pipelines/dfka_pipeline.yaml)")
+    sub_.add_argument("--config", help="take the run parameters from this experiment config")
+    sub_.add_argument("--param", action="append", default=[], metavar="KEY=VALUE")
+    sub_.add_argument("--namespace")
+    sub_.add_argument("--pipeline-root")
+    sub_.add_argument("--service-account")
+    sub_.add_argument("--token", help="bearer token (or set DFKA_KFP_TOKEN)")
+    sub_.add_argument("--dry-run", action="store_true", help="print the run request instead of sending it")
+    sub_.set_defaults(func=_submit)
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dfka.pipeline_runner import run_module
+
+    opts = ["--config", str(Path(args.config).absolute())]
+    if args.local_root:
+        opts += ["--local-root", str(Path(args.local_root).absolute())]
+    if args.results_json:
+        opts += ["--results-json", str(Path(args.results_json).absolute())]
+    if args.verbose:
+        opts.append("--verbose")
+    return run_module("run_local", opts)
+
+
+def _compile(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dfka.pipeline_runner import run_module
+
+    opts = []
+    if args.out:
+        opts += ["--out", str(Path(args.out).absolute())]
+    if args.config:
+        opts += ["--config", str(Path(args.config).absolute())]
+    return run_module("compile", opts)
+
+
+def _submit(args: argparse.Namespace) -> int:
+    import os
+    from pathlib import Path
+
+    from dfka.pipeline_runner import run_module
+
+    opts = ["--host", args.host, "--experiment", args.experiment]
+    if args.token:  # through the environment, not argv (visible to other users in the process list)
+        os.environ["DFKA_KFP_TOKEN"] = args.token
+    for flag in ("run_name", "namespace", "pipeline_root", "service_account"):
+        if getattr(args, flag):
+            opts += [f"--{flag.replace('_', '-')}", getattr(args, flag)]
+    for flag in ("package", "config"):
+        if getattr(args, flag):
+            opts += [f"--{flag}", str(Path(getattr(args, flag)).absolute())]
+    for item in args.param:
+        opts += ["--param", item]
+    if args.dry_run:
+        opts.append("--dry-run")
+    return run_module("submit", opts)

@@ -1,0 +1,254 @@
+"""The experiment config: one YAML file that says what to amalgamate and how the pipeline runs it.
+
+``dfka pipeline run --config configs/demo.yaml`` runs it locally; ``dfka pipeline compile --config``
+bakes its ``pipeline:`` section (placement, retries, images, root) into the compiled YAML and its values
+into the parameter defaults. Unknown keys are rejected at every level, so a typo fails before any work.
+
+.. code-block:: yaml
+
+    experiment: dfka-demo                 # MLflow experiment (the registered model is <experiment>-targetnet)
+    teachers: [s3://dfka/teachers/demo/mnist-0-4, s3://dfka/teachers/demo/mnist-5-9]
+    target_labels: digit_0..digit_9       # names or ranges; omit for the union of the teachers' labels
+    evaluation: {dataset: mnist}          # omit: the teachers' training dataset, when they agree
+    amalgamation: {budget_minutes: 4}     # an AmalgamationConfig mapping (dfka.amalgamation.config)
+    pipeline: {caching: false, gpu: {accelerator_count: 1}}
+
+Pure data and plain Python: no kfp import (``pipelines/`` turns this into KFP calls).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from dfka import __version__
+from dfka.amalgamation.config import AmalgamationConfig
+from dfka.cluster import PIPELINE_CONFIGMAP, S3_SECRET
+from dfka.errors import ConfigError, LabelError
+from dfka.placement import CpuPlacement, GpuPlacement
+
+#: The stage images (images/stage.Dockerfile, images/stage-cpu.Dockerfile); tags follow dfka's version.
+STAGE_IMAGE = f"ghcr.io/dfka/dfka-stage:{__version__}"
+STAGE_CPU_IMAGE = f"ghcr.io/dfka/dfka-stage:{__version__}-cpu"
+#: The demo teachers (configs/demo-teachers.yaml): the compiled pipeline's default ``teachers``.
+DEMO_TEACHERS = ("s3://dfka/teachers/demo/mnist-0-4", "s3://dfka/teachers/demo/mnist-5-9")
+#: Environment variables through which every stage learns its run (see dfka.stages.context).
+RUN_ID_ENV = "DFKA_KFP_RUN_ID"
+GIT_COMMIT_ENV = "DFKA_GIT_COMMIT"
+#: The six stages, in pipeline order (task names in the compiled YAML, folders under runs/<run-id>/).
+STAGES = (
+    "ingest-teachers",
+    "train-amalgamating-gan",
+    "export-synthetic-samples",
+    "train-dual-generator-blocks",
+    "regroup-target-net",
+    "evaluate",
+)
+GPU_STAGES = ("train-amalgamating-gan", "train-dual-generator-blocks", "regroup-target-net")
+CPU_STAGES = tuple(s for s in STAGES if s not in GPU_STAGES)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class EvaluationSettings(_Strict):
+    """The real test split the last stage scores on (the only real images the pipeline reads)."""
+
+    dataset: str | None = Field(
+        None, description="mnist, fashion, mnist+fashion or mosaic; default: the teachers' training dataset"
+    )
+
+
+class RetrySettings(_Strict):
+    """Retries of the GPU training stages, so a preempted node does not fail the run."""
+
+    num_retries: int = Field(3, ge=0)
+    backoff_duration: str = Field("60s", pattern=r"^\d+s$")
+    backoff_factor: float = Field(2.0, ge=1)
+    backoff_max_duration: str = Field("3600s", pattern=r"^\d+s$")
+
+
+class PipelineSettings(_Strict):
+    """How the pipeline runs: compile-time settings (cluster) and the local runner's."""
+
+    name: str = Field("dfka", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    pipeline_root: str = Field(
+        "s3://dfka/pipeline-root", description="cluster pipeline root (DFKA_PIPELINE_ROOT of the ConfigMap)"
+    )
+    local_root: str | None = Field(
+        None, description="kfp.local output folder; default $DFKA_HOME/pipeline-runs"
+    )
+    bucket: str = Field(
+        "", description="bucket for runs/<run-id>/<stage>/; empty: DFKA_BUCKET (default dfka)"
+    )
+    mlflow_tracking_uri: str = Field("", description="empty: MLFLOW_TRACKING_URI from the environment")
+    image: str = Field(STAGE_IMAGE, description="image of the GPU stages (CUDA build)")
+    cpu_image: str = Field(STAGE_CPU_IMAGE, description="image of the CPU-only stages")
+    gpu: GpuPlacement = GpuPlacement()
+    cpu: CpuPlacement = CpuPlacement()
+    retries: RetrySettings = RetrySettings()
+    caching: bool = Field(False, description="KFP step caching (cluster tasks and kfp.local)")
+    s3_secret: str = S3_SECRET
+    config_map: str = PIPELINE_CONFIGMAP
+    threads: int = Field(2, ge=1, description="OMP_NUM_THREADS for local stage processes")
+
+    @field_validator("pipeline_root")
+    @classmethod
+    def _root(cls, v: str) -> str:
+        if not v.startswith(("s3://", "minio://", "gs://")):
+            raise ValueError("the cluster pipeline_root must be an object-store URI (s3://, minio://, gs://)")
+        return v
+
+
+class ExperimentConfig(_Strict):
+    experiment: str = Field("dfka", min_length=1, description="MLflow experiment")
+    teachers: list[str] = Field(min_length=2, description="teacher bundle URIs (s3:// or local folders)")
+    target_labels: str | list[str] | None = Field(
+        None, description="Y_cst by name (ranges allowed); omit for the union of the teachers' labels"
+    )
+    evaluation: EvaluationSettings = EvaluationSettings()
+    amalgamation: AmalgamationConfig = AmalgamationConfig()
+    pipeline: PipelineSettings = PipelineSettings()
+
+    @model_validator(mode="after")
+    def _one_label_set(self) -> ExperimentConfig:
+        inner = self.amalgamation.target_labels
+        if (
+            inner is not None
+            and self.target_labels is not None
+            and list(inner) != _as_list(self.target_labels)
+        ):
+            raise ValueError("target_labels is set twice (top level and amalgamation) with different values")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path) -> ExperimentConfig:
+        import yaml
+
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found", "check the path (configs/ holds the examples)")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{p} is not valid YAML: {err}", "fix the syntax") from None
+        return cls.parse(raw, where=str(p))
+
+    @classmethod
+    def parse(cls, raw: Mapping[str, Any], where: str = "config") -> ExperimentConfig:
+        try:
+            return cls.model_validate(raw)
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors()
+            )
+            raise ConfigError(f"{where} is invalid: {problems}", "fix the keys named above") from None
+
+    def target_spec(self) -> str:
+        """Y_cst as one pipeline parameter string ("" = the union)."""
+        labels = self.target_labels if self.target_labels is not None else self.amalgamation.target_labels
+        return ",".join(_as_list(labels)) if labels is not None else ""
+
+    def pipeline_arguments(self) -> dict[str, Any]:
+        """The runtime parameters of ``pipelines.dfka_pipeline`` for this experiment."""
+        return {
+            "teachers": list(self.teachers),
+            "target_labels": self.target_spec(),
+            "amalgamation": method_parameters(self.amalgamation),
+            "seed": self.amalgamation.seed,
+            "samples": self.amalgamation.export.samples,
+            "evaluation_dataset": self.evaluation.dataset or "",
+            "experiment": self.experiment,
+            "mlflow_tracking_uri": self.pipeline.mlflow_tracking_uri,
+            "bucket": self.pipeline.bucket,
+        }
+
+
+def _as_list(labels: str | Sequence[str]) -> list[str]:
+    items = [labels] if isinstance(labels, str) else list(labels)
+    return [t.strip() for item in items for t in item.split(",") if t.strip()]
+
+
+def method_parameters(cfg: AmalgamationConfig) -> dict[str, Any]:
+    """The ``amalgamation`` pipeline parameter: the config without what has its own parameter.
+
+    Only values that differ from the defaults are kept, so the KFP UI shows what the experiment changed.
+    Re-validating the result gives the same config (the budget and preset rules are idempotent).
+    """
+    data = cfg.model_dump(mode="json", exclude_defaults=True)
+    data.pop("target_labels", None)
+    data.pop("seed", None)
+    export = data.get("export", {})
+    export.pop("samples", None)
+    if not export:
+        data.pop("export", None)
+    return data
+
+
+def resolve_method_config(
+    amalgamation: Mapping[str, Any] | AmalgamationConfig | None,
+    *,
+    target_labels: Sequence[str] | None,
+    seed: int | None = None,
+    samples: int | None = None,
+) -> AmalgamationConfig:
+    """Validate the method config with the explicit pipeline parameters applied on top."""
+    raw: dict[str, Any] = (
+        amalgamation.model_dump(mode="json")
+        if isinstance(amalgamation, AmalgamationConfig)
+        else json.loads(json.dumps(dict(amalgamation or {})))
+    )
+    raw["target_labels"] = list(target_labels) if target_labels is not None else None
+    if seed is not None:
+        raw["seed"] = int(seed)  # KFP hands ints over as floats
+    if samples is not None and int(samples) > 0:
+        raw.setdefault("export", {})["samples"] = int(samples)
+    try:
+        return AmalgamationConfig.model_validate(raw)
+    except ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc'])) or 'amalgamation'}: {e['msg']}" for e in err.errors()
+        )
+        raise ConfigError(
+            f"the amalgamation config is invalid: {problems}", "fix the keys named above"
+        ) from None
+
+
+def resolve_target_labels(spec: str | Sequence[str] | None, available: Sequence[str]) -> list[str] | None:
+    """Y_cst from names and ranges, matched against the teachers' labels; ``None``/empty = the union.
+
+    Plain names match the teachers' label names (case-insensitive); ``FIRST..LAST`` ranges expand over a
+    dataset's label order (``digit_0..digit_4``), see :func:`dfka.data.parse_labels`.
+    """
+    if spec is None:
+        return None
+    tokens = _as_list(spec)
+    if not tokens:
+        return None
+    by_lower = {label.lower(): label for label in available}
+    out: list[str] = []
+    for token in tokens:
+        if ".." in token:
+            from dfka.data import parse_labels
+
+            out.extend(parse_labels(token))
+        elif token.lower() in by_lower:
+            out.append(by_lower[token.lower()])
+        else:
+            raise LabelError(
+                f"target label {token!r} is not a label of any teacher",
+                f"choose from the teachers' labels: {', '.join(available)}",
+            )
+    return out
+
+
+def config_hash(document: Mapping[str, Any]) -> str:
+    """A short content hash of a validated config document (sorted JSON), for tags and comparisons."""
+    payload = json.dumps(document, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]

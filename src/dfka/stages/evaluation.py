@@ -1,0 +1,219 @@
+"""The last stage: score the TargetNet, the teacher ensemble and each teacher on the real test split.
+
+This is the only stage that reads real images, and it reads only the test split. Protocol
+(``shared/method/README.md``): each teacher on its own labels, the teacher ensemble on Y_cst, the
+TargetNet on Y_cst and on each teacher's labels, parameters and FLOPs side by side; the final model,
+never a checkpoint picked on the test set.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfka import storage
+from dfka.amalgamation.regroup import load_targetnet
+from dfka.data import load_split
+from dfka.errors import ConfigError
+from dfka.evaluation import confusion_matrix, mean_average_precision, score
+from dfka.models import count_flops, count_params
+from dfka.stages import report as reports
+from dfka.stages._common import ensure_dir, finish, load_teacher_set, samples_location, scratch
+from dfka.stages.context import RunContext, experiment_id, run_url
+from dfka.stages.training import GRID_FILE, _grid, _restore_routing
+
+STAGE = "evaluate"
+RESULTS_JSON = "results.json"
+RESULTS_MD = "results.md"
+REPORT_HTML = "report.html"
+CONFUSION_PNG = "confusion.png"
+
+
+@torch.no_grad()
+def _predict(
+    fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device, bs: int = 1000
+) -> torch.Tensor:
+    return torch.cat([fn(x[i : i + bs].to(device)).float().cpu() for i in range(0, len(x), bs)])
+
+
+def _subtask(scores: torch.Tensor, y: torch.Tensor, cols: list[int], pos: list[int], task: str) -> float:
+    """Accuracy (argmax restricted to the teacher's labels, on images of those labels) or mAP on them."""
+    if task == "multiclass":
+        size = max([*pos, int(y.max()) if len(y) else 0]) + 1
+        lookup = torch.full((size,), -1, dtype=torch.long)
+        lookup[torch.tensor(pos)] = torch.arange(len(pos))
+        local = lookup[y]
+        mask = local >= 0
+        if not mask.any():
+            return float("nan")
+        return float((scores[mask][:, cols].argmax(1) == local[mask]).float().mean())
+    return mean_average_precision(scores[:, cols], y[:, pos])
+
+
+def evaluate(
+    teacher_set: str,
+    target_net: str,
+    samples: str,
+    out: str,
+    *,
+    dataset: str | None = None,
+    context: RunContext | None = None,
+) -> dict[str, Any]:
+    """Score on the test split of ``dataset`` (default: the one ingestion resolved) and write
+    ``results.json``, ``results.md``, ``report.html`` (self-contained), ``confusion.png`` and the sample grid.
+
+    The result's ``metrics`` are flat floats (same names in every run), ``results`` the table's numbers,
+    ``confusion`` the TargetNet's confusion matrix (multi-class only).
+    """
+    started = time.perf_counter()
+    ctx = context or RunContext(track=False, publish=False)
+    ensure_dir(out)
+    ts = load_teacher_set(teacher_set)
+    dataset = dataset or ts.doc["config"]["evaluation"]["dataset"]
+    if not dataset:
+        raise ConfigError(
+            "no evaluation dataset: the teachers do not name one common training dataset",
+            "set evaluation.dataset in the experiment config (mnist, fashion, mnist+fashion, mosaic)",
+        )
+    task = ts.teachers.task
+    if task == "mixed":
+        raise ConfigError(
+            "evaluating a mix of multi-class and multi-label teachers is not supported", "use one task type"
+        )
+    parent = None
+    with ctx.stage_run(STAGE, ts.params, ts.config_hash) as tracker:
+        _restore_routing(ts, samples_location(samples))
+        net, manifest = load_targetnet(target_net)
+        net = net.to(ts.device).eval()
+        labels = list(ts.teachers.target_labels)
+        if manifest.labels != labels:
+            raise ConfigError(f"the TargetNet predicts {manifest.labels}, the teacher set targets {labels}")
+        test = load_split(dataset, "test", labels=labels, task=task)
+        x, y = test.tensors()
+        student = _predict(net, x, ts.device)
+        teacher_logits = {name: _predict(model, x, ts.device) for name, model in ts.teachers}
+        ensemble = ts.union({k: v.to(ts.device) for k, v in teacher_logits.items()}).cpu()
+
+        metrics: dict[str, float] = {}
+        metrics.update(score(student, y, task, labels, prefix="test.student."))
+        metrics.update(score(ensemble, y, task, labels, prefix="test.ensemble."))
+        key = "acc" if task == "multiclass" else "map"
+        report = ts.doc["report"]
+        results: dict[str, Any] = {
+            "dataset": dataset,
+            "images": len(x),
+            "metric": "top-1 accuracy" if task == "multiclass" else "mAP",
+            "labels": labels,
+            "teachers": {},
+            "ensemble": {"params": report["params_total"], "flops": report["flops_total"], "tasks": {}},
+            "student": {
+                "spec": ts.cfg.student,
+                "params": count_params(net),
+                "flops": count_flops(net, net.input_shape),
+                "tasks": {},
+            },
+        }
+        for name, info in ts.teachers.infos.items():
+            pos, sel = list(info.pos), list(info.sel)
+            own = _subtask(teacher_logits[name], y, sel, pos, task)
+            metrics[f"test.teacher.{name}.{key}"] = own
+            metrics[f"test.student.task.{name}.{key}"] = results["student"]["tasks"][name] = _subtask(
+                student, y, pos, pos, task
+            )
+            metrics[f"test.ensemble.task.{name}.{key}"] = results["ensemble"]["tasks"][name] = _subtask(
+                ensemble, y, pos, pos, task
+            )
+            t = report["teachers"][name]
+            results["teachers"][name] = {"params": t["params"], "flops": t["flops"], "own": own}
+        results["student"]["union"] = metrics[f"test.student.{key}"]
+        results["ensemble"]["union"] = metrics[f"test.ensemble.{key}"]
+        per = "acc" if task == "multiclass" else "ap"
+        results["per_label"] = {
+            who: {label: metrics[f"test.{who}.{per}.{label}"] for label in labels}
+            for who in ("student", "ensemble")
+        }
+        metrics.update(
+            {
+                "student.params": float(results["student"]["params"]),
+                "student.flops": float(results["student"]["flops"]),
+                "teachers.params": float(report["params_total"]),
+                "teachers.flops": float(report["flops_total"]),
+                "student.params_ratio": results["student"]["params"] / max(1, report["params_total"]),
+            }
+        )
+        confusion = None
+        if task == "multiclass":
+            confusion = {"labels": labels, "matrix": confusion_matrix(student, y, len(labels))}
+        results["confusion"] = confusion
+
+        links = _links(ctx)
+        markdown = reports.results_markdown(results, links)
+        with scratch() as tmp:
+            local = Path(out) if not storage.is_s3(out) else Path(tmp)
+            grid = _copy_grid(ts, samples, local)
+            cm_png = (
+                reports.confusion_png(confusion["matrix"], labels, local / CONFUSION_PNG)
+                if confusion
+                else None
+            )
+            page = reports.results_html(results, grid=grid, confusion=cm_png, links=links)
+            (local / RESULTS_MD).write_text(markdown)
+            (local / REPORT_HTML).write_text(page)
+            (local / RESULTS_JSON).write_text(json.dumps(results, indent=2))
+            if storage.is_s3(out):
+                storage.put_dir(local, out)
+            tracker.log_metrics(metrics)
+            for path in (local / RESULTS_MD, local / REPORT_HTML, local / RESULTS_JSON, cm_png, grid):
+                if path is not None and path.is_file():
+                    tracker.log_artifact(path, "results")
+            parent = ctx.parent(ts.config_hash)
+            if parent is not None:
+                parent.log_metrics(metrics)
+                for path in (local / RESULTS_MD, local / REPORT_HTML, cm_png, grid):
+                    if path is not None and path.is_file():
+                        parent.log_artifact(path, "results")
+        result = {
+            "outputs": {"results": out},
+            "metrics": metrics,
+            "results": results,
+            "confusion": confusion,
+            "markdown": markdown,
+            "html": page,
+            "links": links,
+        }
+        result = finish(STAGE, out, context, tracker, result, started)
+    if parent is not None:
+        parent.set_tags({"dfka.results": result["published"] or out})
+        parent.end("FINISHED")
+    return result
+
+
+def _copy_grid(ts: Any, samples: str, local: Path) -> Path | None:
+    """The export stage's sample grid, or one drawn from the first shard if the export has none."""
+    src = storage.join(samples, GRID_FILE)
+    if storage.exists(src):
+        storage.get_file(src, local / GRID_FILE)
+        return local / GRID_FILE
+    from dfka.amalgamation.samples import iter_shards
+
+    shard = next(iter_shards(samples_location(samples)))
+    logits = {k.removeprefix("logits."): v for k, v in shard.items() if k.startswith("logits.")}
+    return _grid(ts, shard["image"], logits, str(local))
+
+
+def _links(ctx: RunContext) -> dict[str, str]:
+    links: dict[str, str] = {}
+    if ctx.track and ctx.tracking_uri and (parent := ctx.parent()) is not None:
+        try:
+            exp = experiment_id(parent.client, ctx.experiment)
+            links["MLflow run"] = run_url(ctx.tracking_uri, exp, parent.run_id)
+        except Exception:  # a link is not worth failing for
+            pass
+    if (bucket_uri := ctx.publish_uri(STAGE)) is not None:
+        links["outputs"] = bucket_uri.rsplit("/", 1)[0] + "/"
+    return links

@@ -1,0 +1,369 @@
+"""Stages 1-3 with artifacts between them: GAN, sample export, dual-generator blocks, regroup.
+
+Each function reads its inputs from local folders or ``s3://`` URIs, calls the engine
+(:mod:`dfka.amalgamation.run`) inside the data-free guard, writes its output folder and returns a small
+result dict. ``dfka.amalgamation.run.amalgamate`` is the same chain in one process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfka import storage
+from dfka.amalgamation.artifacts import load_dual, load_gan, save_dual, save_gan
+from dfka.amalgamation.regroup import TargetNet, save_targetnet
+from dfka.amalgamation.routing import calibrate_routing
+from dfka.amalgamation.run import build_student, regroup, sample_bank, train_blocks, train_gan
+from dfka.amalgamation.samples import (
+    SAMPLES_MANIFEST,
+    Sampler,
+    export_bank,
+    iter_shards,
+    read_bank,
+    read_manifest,
+)
+from dfka.data import data_free
+from dfka.models import count_flops, count_params
+from dfka.stages import report as reports
+from dfka.stages._common import (
+    TeacherSetArtifact,
+    ensure_dir,
+    finish,
+    load_teacher_set,
+    report_metrics,
+    samples_location,
+    scratch,
+    write_location,
+)
+from dfka.stages.context import RunContext
+
+log = logging.getLogger(__name__)
+
+GAN_STAGE = "train-amalgamating-gan"
+EXPORT_STAGE = "export-synthetic-samples"
+BLOCKS_STAGE = "train-dual-generator-blocks"
+REGROUP_STAGE = "regroup-target-net"
+TRAJECTORY = "trajectory"
+GRID_FILE = "samples_grid.png"
+
+
+def _ctx(context: RunContext | None) -> RunContext:
+    return context or RunContext(track=False, publish=False)
+
+
+def _union_scores(ts: TeacherSetArtifact, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return ts.union({k: v.float().to(ts.device) for k, v in logits.items()}).cpu()
+
+
+def _grid(ts: TeacherSetArtifact, images: torch.Tensor, logits: dict[str, torch.Tensor], out: str) -> Path:
+    """Write the sample grid into ``out`` (local) or a temp file that is then uploaded."""
+    scores = _union_scores(ts, logits)
+    if not storage.is_s3(out):
+        return reports.sample_grid(images, scores, ts.teachers.target_labels, Path(out) / GRID_FILE)
+    with scratch() as tmp:
+        path = reports.sample_grid(images, scores, ts.teachers.target_labels, Path(tmp) / GRID_FILE)
+        storage.put_file(path, storage.join(out, GRID_FILE))
+    return Path(storage.join(out, GRID_FILE))
+
+
+def _restore_routing(ts: TeacherSetArtifact, samples_uri: str) -> dict[str, Any]:
+    manifest = read_manifest(samples_uri)
+    if manifest.extra.get("routing"):
+        ts.union.load_calibration(manifest.extra["routing"])
+    return dict(manifest.extra)
+
+
+def _log_grid(tracker: Any, grid: Path) -> None:
+    if grid.is_file():
+        tracker.log_artifact(grid, "samples")
+
+
+# ---------------------------------------------------------------- stage 1
+
+
+def train_amalgamating_gan(
+    teacher_set: str, out: str, *, context: RunContext | None = None
+) -> dict[str, Any]:
+    """Stage 1: train the group-stack generator against the frozen teachers.
+
+    Writes ``gan.safetensors``/``gan.json`` and, when ``export.source`` is ``trajectory``, the samples
+    kept along the way under ``trajectory/`` (the export stage tops them up), plus a sample grid.
+    """
+    started = time.perf_counter()
+    ctx = _ctx(context)
+    ensure_dir(out)
+    ts = load_teacher_set(teacher_set)
+    cfg = ts.cfg
+    with (
+        ctx.stage_run(GAN_STAGE, ts.params, ts.config_hash) as tracker,
+        data_free("stage 1: amalgamating GAN"),
+    ):
+        proxy = build_student(cfg.student, ts.teachers).to(ts.device) if cfg.gan.loss.adv > 0 else None
+        gan, trajectory, stage = train_gan(
+            ts.teachers,
+            ts.union,
+            cfg,
+            device=ts.device,
+            on_metrics=tracker,
+            progress=ctx.progress,
+            student=proxy,
+        )
+        save_gan(gan, out, extra={"report": stage.as_dict()})
+        kept = 0
+        if trajectory is not None:
+            export_bank(
+                trajectory, storage.join(out, TRAJECTORY), shard_size=cfg.export.shard_size, progress=False
+            )
+            kept = len(trajectory)
+        batch = Sampler(gan, seed=cfg.seed + 7, batch_size=256, device=ts.device).sample(256)
+        grid = _grid(ts, batch.image.cpu(), batch.logits, out)
+        metrics = {**report_metrics("stage", stage), "trajectory_samples": float(kept)}
+        metrics.update({k: v for k, v in stage.extra.items() if isinstance(v, int | float)})
+        tracker.log_metrics(metrics)
+        _log_grid(tracker, grid)
+        result = {"outputs": {"gan": out}, "metrics": metrics, "report": stage.as_dict()}
+        return finish(GAN_STAGE, out, context, tracker, result, started)
+
+
+# ---------------------------------------------------------------- export
+
+
+def export_synthetic_samples(
+    teacher_set: str,
+    gan: str,
+    out: str,
+    *,
+    samples_uri: str | None = None,
+    context: RunContext | None = None,
+) -> dict[str, Any]:
+    """Draw the synthetic sample set and write it as sharded, checksummed safetensors.
+
+    The shards go to ``samples_uri``, else to ``s3://<bucket>/runs/<run-id>/export-synthetic-samples/samples``
+    when an object store is configured, else to ``out/samples``. ``out`` always gets ``location.json``
+    (where the shards are), a sample grid and the label balance. The routing calibration (when
+    ``union.routing`` is on) and the generator's level widths travel in the manifest's ``extra``.
+    """
+    started = time.perf_counter()
+    ctx = _ctx(context)
+    ensure_dir(out)
+    ts = load_teacher_set(teacher_set)
+    cfg = ts.cfg
+    with (
+        ctx.stage_run(EXPORT_STAGE, ts.params, ts.config_hash) as tracker,
+        data_free("synthetic sample export"),
+    ):
+        generator = load_gan(gan, ts.teachers, ts.union).to(ts.device)
+        trajectory_uri = storage.join(gan, TRAJECTORY)
+        trajectory = (
+            read_bank(trajectory_uri)
+            if storage.exists(storage.join(trajectory_uri, SAMPLES_MANIFEST))
+            else None
+        )
+        bank, stage = sample_bank(generator, cfg, trajectory, device=ts.device, progress=ctx.progress)
+        extra: dict[str, Any] = {
+            "generator_channels": {
+                str(lvl): s[0] for lvl, s in enumerate(generator.generator_level_shapes())
+            },
+            "from_trajectory": len(trajectory) if trajectory is not None else 0,
+        }
+        if cfg.union.routing != "none":
+            calibrate_routing(ts.union, bank)
+            extra["routing"] = ts.union.calibration()
+        published = ctx.publish_uri(EXPORT_STAGE)
+        target = samples_uri or (
+            storage.join(published, "samples") if published else storage.join(out, "samples")
+        )
+        write_started = time.perf_counter()
+        manifest = export_bank(
+            bank, target, shard_size=cfg.export.shard_size, progress=ctx.progress, extra=extra
+        )
+        write_seconds = time.perf_counter() - write_started
+        write_location(out, target, json.loads(manifest.model_dump_json()))
+        logits = {name: bank.tensors[f"logits.{name}"] for name in bank.teacher_names}
+        balance = _balance(_union_scores(ts, logits), ts.teachers.target_labels)
+        take = torch.randperm(len(bank), generator=torch.Generator().manual_seed(cfg.seed))[:2000]
+        grid = _grid(ts, bank.tensors["image"][take], {k: v[take] for k, v in logits.items()}, out)
+        metrics = {
+            **report_metrics("stage", stage),
+            "samples.count": float(len(bank)),
+            "samples.from_trajectory": float(extra["from_trajectory"]),
+            "samples.write_seconds": write_seconds,
+            "samples.shards": float(len(manifest.shards)),
+            **balance,
+        }
+        tracker.log_metrics(metrics)
+        _log_grid(tracker, grid)
+        tracker.set_tags({"dfka.samples": target})
+        result = {
+            "outputs": {"samples": target, "export": out},
+            "metrics": metrics,
+            "report": stage.as_dict(),
+        }
+        return finish(EXPORT_STAGE, out, context, tracker, result, started)
+
+
+def _balance(scores: torch.Tensor, labels: list[str]) -> dict[str, float]:
+    """Share of samples per union label, and its normalised entropy (1.0 = perfectly balanced)."""
+    counts = torch.bincount(scores.argmax(1), minlength=len(labels)).float()
+    share = counts / counts.sum().clamp_min(1)
+    nz = share[share > 0]
+    entropy = float(-(nz * nz.log()).sum() / math.log(len(labels))) if len(labels) > 1 else 1.0
+    return {"samples.balance": entropy, **{f"samples.share.{k}": float(v) for k, v in zip(labels, share)}}
+
+
+# ---------------------------------------------------------------- stage 2
+
+
+def train_dual_generator_blocks(
+    teacher_set: str, samples: str, out: str, *, context: RunContext | None = None
+) -> dict[str, Any]:
+    """Stage 2: train the student block by block on the exported samples (``samples`` is the export
+    stage's output folder or the shard location itself). Writes ``dual.safetensors``/``dual.json``."""
+    started = time.perf_counter()
+    ctx = _ctx(context)
+    ensure_dir(out)
+    ts = load_teacher_set(teacher_set)
+    cfg = ts.cfg
+    where = samples_location(samples)
+    with (
+        ctx.stage_run(BLOCKS_STAGE, ts.params, ts.config_hash) as tracker,
+        data_free("stage 2: dual-generator block training"),
+    ):
+        extra = _restore_routing(ts, where)
+        bank = read_bank(where)
+        channels = {int(k): int(v) for k, v in extra["generator_channels"].items()}
+        dual, stage = train_blocks(
+            ts.teachers,
+            ts.union,
+            bank,
+            cfg,
+            channels,
+            device=ts.device,
+            on_metrics=tracker,
+            progress=ctx.progress,
+        )
+        save_dual(dual, out, channels, extra={"report": stage.as_dict(), "samples": where})
+        metrics = report_metrics("stage", stage)
+        metrics.update({k: float(v) for k, v in stage.extra.items() if isinstance(v, int | float)})
+        tracker.log_metrics(metrics)
+        result = {"outputs": {"dual": out}, "metrics": metrics, "report": stage.as_dict()}
+        return finish(BLOCKS_STAGE, out, context, tracker, result, started)
+
+
+# ---------------------------------------------------------------- stage 3
+
+
+def regroup_target_net(
+    teacher_set: str,
+    samples: str,
+    dual: str,
+    out: str,
+    *,
+    registered_model_name: str | None = None,
+    context: RunContext | None = None,
+) -> dict[str, Any]:
+    """Stage 3: assemble the TargetNet (optional fine-tune on the samples) and export it.
+
+    ``out`` gets ``targetnet.safetensors`` + ``targetnet.json`` + ``targetnet.torchscript.pt``. With
+    tracking on, the TargetNet is also logged as an MLflow model (``pt2``, with an input example and a
+    signature) and registered as ``registered_model_name`` (default ``<experiment>-targetnet``).
+    """
+    started = time.perf_counter()
+    ctx = _ctx(context)
+    ensure_dir(out)
+    ts = load_teacher_set(teacher_set)
+    cfg = ts.cfg
+    where = samples_location(samples)
+    with ctx.stage_run(REGROUP_STAGE, ts.params, ts.config_hash) as tracker, data_free("stage 3: regroup"):
+        _restore_routing(ts, where)
+        model, _meta = load_dual(dual, ts.teachers)
+        model = model.to(ts.device)
+        if cfg.regroup.finetune is not None:
+            bank = read_bank(where)
+            example = bank.tensors["image"][:8].float()
+        else:
+            bank = None  # only the fine-tune reads the bank
+            example = next(iter_shards(where))["image"][:8].float()
+        net, stage = regroup(
+            model, ts.union, bank, cfg, device=ts.device, on_metrics=tracker, progress=ctx.progress
+        )  # type: ignore[arg-type]
+        net = net.cpu().eval()
+        size = {
+            "student.params": float(count_params(net)),
+            "student.flops": float(count_flops(net, net.input_shape)),
+        }
+        provenance = {
+            "run_id": ctx.run_id if context else None,
+            "git_commit": ctx.git_commit,
+            "config_hash": ts.config_hash,
+            "teachers": ts.doc["config"]["teachers"],
+            "samples": where,
+        }
+        manifest = save_targetnet(net, out, metrics=size, provenance=provenance)
+        metrics = {**report_metrics("stage", stage), **size}
+        tracker.log_metrics(metrics)
+        tracker.log_dict(json.loads(manifest.model_dump_json()), "targetnet/targetnet.json")
+        name = registered_model_name or model_name(ctx.experiment)
+        registered = _log_mlflow_model(net, example, tracker, ctx, name)
+        result = {
+            "outputs": {"target_net": out},
+            "metrics": metrics,
+            "report": stage.as_dict(),
+            "labels": list(net.label_names),
+            "registered_model": registered,
+        }
+        return finish(REGROUP_STAGE, out, context, tracker, result, started)
+
+
+def model_name(experiment: str) -> str:
+    """The registry name derived from the experiment: ``<experiment>-targetnet``."""
+    return f"{experiment}-targetnet"
+
+
+def _log_mlflow_model(
+    net: TargetNet, example: torch.Tensor, tracker: Any, ctx: RunContext, name: str
+) -> dict[str, Any] | None:
+    """Log the TargetNet as an MLflow ``pt2`` model (torch.export, no pickle) and register it."""
+    if not ctx.track:
+        return None
+    if tracker.run_id is None or getattr(tracker, "offline", False) or ctx.tracking_uri is None:
+        log.warning("MLflow is offline: the TargetNet is not logged as an MLflow model nor registered")
+        return None
+    import mlflow
+    from mlflow.models import infer_signature
+
+    mlflow.set_tracking_uri(ctx.tracking_uri)
+    x = example.clamp(0, 1).numpy()
+    with torch.no_grad():
+        y = net(example).numpy()
+    signature = infer_signature(x, y)
+    try:
+        info = mlflow.pytorch.log_model(
+            net,
+            name="targetnet",
+            run_id=tracker.run_id,
+            registered_model_name=name,
+            input_example=x,
+            signature=signature,
+            serialization_format="pt2",
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
+            metadata={"labels": list(net.label_names), "pixel_range": [0.0, 1.0]},
+            await_registration_for=60,
+        )
+    except Exception as err:  # tracking never fails the stage
+        log.warning("could not log the TargetNet to MLflow: %s", err)
+        return None
+    version = getattr(info, "registered_model_version", None)
+    return {
+        "name": name,
+        "version": str(version) if version is not None else None,
+        "model_uri": info.model_uri,
+    }
