@@ -89,7 +89,7 @@ class BenchmarkConfig(BaseModel):
     reference_budget_minutes: float | None = Field(
         None, gt=0, description="kd-real and layerwise; default: budget_minutes"
     )
-    threads: int | None = Field(None, ge=1, description="torch threads per job; --jobs N>1 forces 1")
+    threads: int | None = Field(None, ge=1, description="torch threads per job (default 1)")
     amalgamation: dict[str, Any] = Field(default_factory=dict)
     baselines: BaselineOptions = BaselineOptions()
 

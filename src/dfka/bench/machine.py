@@ -46,11 +46,16 @@ def git_version() -> str | None:
 def machine_info(threads: int | None = None, jobs: int = 1) -> dict[str, Any]:
     """A JSON-able record of the machine and software; ``threads`` is torch's per-job thread count."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
+    try:
+        load = round(os.getloadavg()[0], 2)  # other processes competing for the cores at the start
+    except OSError:
+        load = None
     return {
         "cpu": cpu_model(),
         "cores": os.cpu_count() or 1,
         "threads": threads if threads is not None else torch.get_num_threads(),
         "jobs": jobs,
+        "load_average": load,
         "device": device,
         "torch": torch.__version__,
         "python": platform.python_version(),
@@ -62,10 +67,13 @@ def machine_info(threads: int | None = None, jobs: int = 1) -> dict[str, Any]:
 
 
 def describe(machine: dict[str, Any]) -> str:
-    """One line: ``Intel(R) Xeon(R) Processor, 2 cores, cpu, torch 2.13.0, 1 thread/job × 2 jobs``."""
+    """One line: ``Intel(R) Xeon(R) Processor, 2 cores, cpu, torch 2.13.0, 1 thread(s)/job × 2 parallel
+    jobs, load 0.1 at start`` (a load near the core count means the timings were shared with others)."""
     jobs = machine.get("jobs", 1)
     par = f" × {jobs} parallel jobs" if jobs and jobs > 1 else ""
+    load = machine.get("load_average")
+    busy = f", load {load:g} at start" if load is not None else ""
     return (
         f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, {machine.get('device', 'cpu')}, "
-        f"torch {machine.get('torch', '?')}, {machine.get('threads', '?')} thread(s)/job{par}"
+        f"torch {machine.get('torch', '?')}, {machine.get('threads', '?')} thread(s)/job{par}{busy}"
     )

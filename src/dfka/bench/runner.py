@@ -117,8 +117,8 @@ def run_benchmark(
     """Run a benchmark's (method, seed) grid and write its results; see the module docstring.
 
     ``budget_minutes`` overrides the data-free budget (and the reference budget unless the YAML or
-    ``reference_budget_minutes`` sets it). With ``jobs > 1`` every job runs in its own process with
-    ``threads`` (default 1) torch threads; otherwise ``threads`` defaults to the YAML's, then all cores.
+    ``reference_budget_minutes`` sets it). Every job uses ``threads`` torch threads (default: the YAML's
+    ``threads``, else 1); with ``jobs > 1`` each job runs in its own worker process.
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
@@ -126,11 +126,9 @@ def run_benchmark(
     cfg = _with_overrides(base, seeds, methods, budget_minutes, reference_budget_minutes)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    per_job_threads = threads or (1 if jobs > 1 else cfg.threads)
-    if per_job_threads is None:
-        from dfka.runtime import set_threads
-
-        per_job_threads = set_threads(None)
+    # One thread per job unless asked otherwise: independent 1-thread jobs use small CPUs best
+    # (calibration), and multi-threaded OpenMP collapses when other processes share the cores.
+    per_job_threads = threads or cfg.threads or 1
     machine = machine_info(per_job_threads, jobs)
     log.info("benchmark %s on %s", cfg.name, describe(machine))
 

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--budget-minutes", type=float, help="wall-clock per data-free (method, seed)")
     run.add_argument("--reference-budget-minutes", type=float, help="wall-clock for kd-real and layerwise")
     run.add_argument("--jobs", type=int, default=1, help="parallel worker processes, 1 torch thread each")
-    run.add_argument("--threads", type=int, help="torch threads per job (default: 1 with --jobs>1, else all)")
+    run.add_argument("--threads", type=int, help="torch threads per job (default: the YAML's, else 1)")
     run.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     run.add_argument("--experiment", default="dfka-bench", help="MLflow experiment (default dfka-bench)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
