@@ -12,10 +12,12 @@ import contextlib
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,9 @@ def run(
     run_id = run_id or new_local_run_id()
     os.environ[RUN_ID_ENV] = run_id
     os.environ.setdefault(GIT_COMMIT_ENV, git_commit())
-    os.environ["OMP_NUM_THREADS"] = os.environ.get("OMP_NUM_THREADS") or str(cfg.pipeline.threads)
+    if cfg.pipeline.threads is not None:  # the experiment's setting wins over the shell's
+        os.environ["OMP_NUM_THREADS"] = str(cfg.pipeline.threads)
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
     root = Path(local_root or cfg.pipeline.local_root or dfka_home() / "pipeline-runs").absolute()
     root.mkdir(parents=True, exist_ok=True)
     bucket = cfg.pipeline.bucket or default_bucket()
@@ -101,11 +105,17 @@ def run(
     # kfp.local honours retries with their real backoff (60 s, 120 s, ...): locally a failure is a bug,
     # not a preempted node, so it should surface at once
     settings = cfg.pipeline.model_copy(update={"retries": RetrySettings(num_retries=0)})
+    # each kfp.local task leaves a mktemp folder behind (platform notes §1a): give them one to leave
+    scratch = root / f".tmp-{run_id}"
+    scratch.mkdir()
     started = time.perf_counter()
     try:
         with contextlib.ExitStack() as stack:
+            stack.callback(shutil.rmtree, scratch, True)
+            stack.enter_context(_env("TMPDIR", str(scratch)))
             if not verbose:  # kfp.local prints each stage's output (and its full executor input) to stdout
-                stack.enter_context(contextlib.redirect_stdout(stack.enter_context(logfile.open("w"))))
+                log_stream = stack.enter_context(logfile.open("w"))
+                stack.enter_context(contextlib.redirect_stdout(_Progress(log_stream, sys.stdout)))
             build(settings)(**cfg.pipeline_arguments())
     except BaseException:
         _fail_parent(cfg.experiment, run_id)
@@ -118,6 +128,41 @@ def run(
     summary["config"] = str(config_path)
     summary["log"] = str(logfile)
     return summary
+
+
+class _Progress:
+    """A stdout that writes everything to the log file and shows only kfp.local's stage start/end lines."""
+
+    SHOW = ("Executing task", "finished with status")
+
+    def __init__(self, log_stream: Any, terminal: Any):
+        self.log, self.terminal, self.partial = log_stream, terminal, ""
+
+    def write(self, text: str) -> int:
+        self.log.write(text)
+        *lines, self.partial = (self.partial + text).split("\n")
+        for line in lines:
+            if any(marker in line for marker in self.SHOW):
+                self.terminal.write(line + "\n")
+                self.terminal.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        self.log.flush()
+        self.terminal.flush()
+
+
+@contextlib.contextmanager
+def _env(key: str, value: str) -> Iterator[None]:
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old
 
 
 def _fail_parent(experiment: str, run_id: str) -> None:

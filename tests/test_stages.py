@@ -10,9 +10,11 @@ import pytest
 import torch
 
 from dfka import stages
+from dfka.amalgamation.config import AmalgamationConfig
 from dfka.amalgamation.regroup import load_targetnet
+from dfka.amalgamation.run import amalgamate
 from dfka.amalgamation.samples import read_manifest
-from dfka.bundles import save_bundle
+from dfka.bundles import load_bundle, save_bundle
 from dfka.data import is_data_free, load_split
 from dfka.errors import CompatibilityError, ConfigError, LabelError
 from dfka.models import build_model
@@ -170,6 +172,14 @@ def test_stage_chain_on_toy_teachers(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert (Path(net) / "targetnet.torchscript.pt").is_file()
     for out in (ts, gan, exp, dual, net):
         assert json.loads((Path(out) / "result.json").read_text())["seconds"] > 0
+
+    # the chain of stages, with its artifacts in between, is exactly the in-process engine
+    reference = amalgamate(
+        [load_bundle(u) for u in uris], AmalgamationConfig.model_validate(method), progress=False
+    ).targetnet.cpu()
+    x = torch.rand(16, 1, 12, 12)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
 
 
 def test_write_metrics_writes_the_file_for_caching(tmp_path: Path) -> None:

@@ -96,7 +96,11 @@ class PipelineSettings(_Strict):
     caching: bool = Field(False, description="KFP step caching (cluster tasks and kfp.local)")
     s3_secret: str = S3_SECRET
     config_map: str = PIPELINE_CONFIGMAP
-    threads: int = Field(2, ge=1, description="OMP_NUM_THREADS for local stage processes")
+    threads: int | None = Field(
+        None,
+        ge=1,
+        description="OMP_NUM_THREADS of the local stage processes; default: the environment's, else 2",
+    )
 
     @field_validator("pipeline_root")
     @classmethod

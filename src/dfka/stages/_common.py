@@ -58,8 +58,12 @@ class TeacherSetArtifact:
         return dict(self.doc["config"])
 
 
-def load_teacher_set(uri: str) -> TeacherSetArtifact:
-    """Read an ingestion output: re-verify each bundle, rebuild the teacher set and union on the device."""
+def load_teacher_set(uri: str, device: str | None = None) -> TeacherSetArtifact:
+    """Read an ingestion output: re-verify each bundle, rebuild the teacher set and union on the device.
+
+    ``device`` overrides the config's: the CPU-only stages pass ``auto`` so that a config that says
+    ``cuda`` (for the GPU stages) still runs them on a CPU node.
+    """
     key = storage.join(uri, TEACHER_SET_FILE)
     if not storage.exists(key):
         raise BundleError(f"{key} does not exist", "point at the output of the ingest-teachers stage")
@@ -68,7 +72,7 @@ def load_teacher_set(uri: str) -> TeacherSetArtifact:
         raise BundleError(f"{key} has format {doc.get('format')!r}, expected {TEACHER_SET_FORMAT!r}")
     cfg = AmalgamationConfig.model_validate(doc["config"]["amalgamation"])
     set_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = pick_device(device or cfg.device)
     bundles = [load_bundle(storage.join(uri, t["bundle"])) for t in doc["teachers"]]
     teachers = teacher_set_from_bundles(bundles, cfg.target_labels).to(device)
     union = UnionRule(teachers, cfg.union.rule).to(device)

@@ -11,7 +11,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from dfka.runtime import set_threads
 from dfka.stages.context import RunContext
 
 
@@ -22,6 +21,8 @@ class _Artifact(Protocol):
 
 def component_context(experiment: str, mlflow_tracking_uri: str, bucket: str, output_path: str) -> RunContext:
     """Threads from ``OMP_NUM_THREADS`` (the image sets it; 2 locally), the run from the environment."""
+    from dfka.runtime import set_threads  # torch: only for the stages that train
+
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     set_threads(None)
     return RunContext.from_env(

@@ -73,7 +73,7 @@ def evaluate(
     started = time.perf_counter()
     ctx = context or RunContext(track=False, publish=False)
     ensure_dir(out)
-    ts = load_teacher_set(teacher_set)
+    ts = load_teacher_set(teacher_set, device="auto")  # a CPU-only stage
     dataset = dataset or ts.doc["config"]["evaluation"]["dataset"]
     if not dataset:
         raise ConfigError(

@@ -154,7 +154,7 @@ def export_synthetic_samples(
     started = time.perf_counter()
     ctx = _ctx(context)
     ensure_dir(out)
-    ts = load_teacher_set(teacher_set)
+    ts = load_teacher_set(teacher_set, device="auto")  # a CPU-only stage
     cfg = ts.cfg
     with (
         ctx.stage_run(EXPORT_STAGE, ts.params, ts.config_hash) as tracker,
