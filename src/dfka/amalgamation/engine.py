@@ -3,8 +3,8 @@
 A step function takes ``(step, total_steps)`` and returns a dict with ``loss`` and its named parts
 (tensors, detached). The loop owns the budget, the progress bar, metric callbacks and checkpoint calls:
 
-* a budget in steps is exact and reproducible; a budget in seconds is turned into a step count after a
-  short warm-up, so learning-rate schedules know their length and the run records how many steps it took;
+* a budget in steps is exact and reproducible; a budget in seconds ends on time, with the schedule's
+  length re-estimated from the measured step rate, and the run records how many steps it took;
 * metrics are averaged over ``log_every`` steps and only then turned into Python floats (no per-step
   ``.item()`` syncs);
 * the callback receives ``{"<prefix>.<name>": value}`` and the global step, which is what
@@ -51,55 +51,66 @@ def run_loop(
     progress: bool = True,
     log_every: int = 25,
     start_step: int = 0,
-    total_steps: int | None = None,
     checkpoint: CheckpointFn | None = None,
     checkpoint_every: int = 0,
     step_offset: int = 0,
 ) -> LoopResult:
-    """Run ``step_fn`` until the budget is spent; ``start_step``/``total_steps`` resume a cut-off run."""
-    total = total_steps or budget.steps or 0
-    by_time = total == 0
+    """Run ``step_fn`` until the budget is spent; ``start_step`` resumes a cut-off step-budget run.
+
+    With a time budget the schedule length is re-estimated from the measured step rate as the run goes
+    (``step · seconds / elapsed``), so the learning rate reaches its floor when the time runs out.
+    """
+    by_time = budget.steps is None
     if by_time and budget.seconds is None:
         raise ValueError("a budget needs steps or seconds")
+    total = budget.steps or 10**9
     started = time.perf_counter()
     sums: dict[str, torch.Tensor] = {}
     count = 0
     last: dict[str, float] = {}
     bar = tqdm(
-        total=total or None, initial=start_step, desc=desc, disable=not progress, leave=False, unit="step"
+        total=None if by_time else total, initial=start_step, desc=desc, disable=not progress, leave=False, unit="step"
     )
     step = start_step
-    warm_start = 0.0
     while True:
-        if not by_time and step >= total:
+        elapsed = time.perf_counter() - started
+        if by_time:
+            if elapsed >= budget.seconds:
+                break
+            if step >= WARMUP_STEPS:
+                total = max(step + 1, math.ceil(step * budget.seconds / max(elapsed, 1e-9)))
+        elif step >= total:
             break
-        # The schedule needs a length: while timing the warm-up, tell the step a provisional one.
-        out = step_fn(step, total if total else 10**9)
+        out = step_fn(step, total)
         step += 1
         for k, v in out.items():
             sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
         count += 1
-        if by_time:
-            if step == 1:
-                warm_start = time.perf_counter()
-            elif step == WARMUP_STEPS + 1:
-                per_step = (time.perf_counter() - warm_start) / WARMUP_STEPS
-                remaining = budget.seconds - (time.perf_counter() - started)
-                total = max(step, step + math.floor(remaining / per_step))
-                by_time = False
-                bar.reset(total=total)
-                bar.update(step)
-        if count >= log_every or (not by_time and step >= total):
-            last = {f"{prefix}.{k}": float(v) / count for k, v in sums.items()}
-            bar.set_postfix({k.split(".", 1)[1]: f"{v:.3g}" for k, v in last.items()}, refresh=False)
-            if on_metrics:
-                on_metrics(last, step_offset + step)
+        if count >= log_every:
+            last = _flush(sums, count, prefix, bar, on_metrics, step_offset + step)
             sums, count = {}, 0
         bar.update(1)
-        if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0 and step < total:
+        if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
             checkpoint(step)
+    if count:
+        last = _flush(sums, count, prefix, bar, on_metrics, step_offset + step)
     bar.close()
     return LoopResult(steps=step, seconds=time.perf_counter() - started, metrics=last)
+
+
+def _flush(
+    sums: dict[str, torch.Tensor],
+    count: int,
+    prefix: str,
+    bar: tqdm,
+    on_metrics: MetricsCallback | None,
+    step: int,
+) -> dict[str, float]:
+    metrics = {f"{prefix}.{k}": float(v) / count for k, v in sums.items()}
+    bar.set_postfix({k.split(".")[-1]: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
+    if on_metrics:
+        on_metrics(metrics, step)
+    return metrics
 
 
 def cosine_lr(base: float, step: int, total: int, warmup: int = 0, floor: float = 0.05) -> float:

@@ -18,7 +18,7 @@ from dfka.amalgamation.config import AmalgamationConfig, Budget
 from dfka.amalgamation.engine import LoopResult, run_loop
 from dfka.amalgamation.regroup import FinetuneTrainer, TargetNet
 from dfka.amalgamation.routing import calibrate_routing
-from dfka.amalgamation.samples import SampleBank, Sampler
+from dfka.amalgamation.samples import SampleBank, Sampler, TrajectoryCollector
 from dfka.amalgamation.stage1 import AmalgamatingGAN, GanTrainer
 from dfka.amalgamation.stage2 import BlockTrainer, DualGenerator
 from dfka.amalgamation.teacher_set import TeacherSet
@@ -94,12 +94,18 @@ def train_gan(
     on_metrics: MetricsCallback | None = None,
     progress: bool = True,
     student: BlockClassifier | None = None,
-) -> tuple[AmalgamatingGAN, StageReport]:
-    """Stage 1. ``student`` is only used as the proxy for the (optional) adversarial term."""
+) -> tuple[AmalgamatingGAN, SampleBank | None, StageReport]:
+    """Stage 1. Returns the generator (with filters), the trajectory samples kept for the export (when
+    ``export.source`` is ``trajectory``) and the report. ``student`` is only the proxy for the adversarial term."""
     with data_free("stage 1: amalgamating GAN"):
         seed_everything(cfg.seed)
         gan = AmalgamatingGAN(teachers, union, cfg.gan, student=student)
         trainer = GanTrainer(gan, cfg.seed, device)
+        collector = None
+        if cfg.export.source == "trajectory":
+            dtype = torch.float16 if cfg.export.dtype == "float16" else torch.float32
+            collector = TrajectoryCollector(cfg.export.samples, cfg.export.start, seed=cfg.seed + 1, dtype=dtype)
+            trainer.collector = collector
         result = run_loop(
             trainer.step,
             cfg.gan.budget,
@@ -108,21 +114,29 @@ def train_gan(
             on_metrics=on_metrics,
             progress=progress,
         )
-    report = StageReport(
-        result.seconds, result.steps, result.steps * cfg.gan.batch_size, dict(result.metrics)
-    )
-    return gan, report
+    report = StageReport(result.seconds, result.steps, result.steps * cfg.gan.batch_size, dict(result.metrics))
+    return gan, (collector.bank() if collector is not None and collector.seen else None), report
 
 
 def sample_bank(
-    gan: AmalgamatingGAN, cfg: AmalgamationConfig, *, device: torch.device, progress: bool = True
+    gan: AmalgamatingGAN,
+    cfg: AmalgamationConfig,
+    trajectory: SampleBank | None = None,
+    *,
+    device: torch.device,
+    progress: bool = True,
 ) -> tuple[SampleBank, StageReport]:
-    """Draw the export's samples from the frozen generator (teachers score each image once)."""
+    """The export's samples: stage 1's trajectory reservoir topped up (or replaced, with ``source:
+    final``) by fresh samples from the frozen generator; teachers score each image once."""
     with data_free("synthetic sample export"):
         start = time.perf_counter()
-        sampler = Sampler(gan, seed=cfg.seed + 1, batch_size=512, device=device)
-        dtype = torch.float16 if cfg.export.dtype == "float16" else torch.float32
-        bank = SampleBank.generate(sampler, cfg.export.samples, dtype=dtype, progress=progress)
+        parts = [trajectory] if trajectory is not None and cfg.export.source == "trajectory" else []
+        missing = cfg.export.samples - sum(len(p) for p in parts)
+        if missing > 0:
+            sampler = Sampler(gan, seed=cfg.seed + 1, batch_size=512, device=device)
+            dtype = torch.float16 if cfg.export.dtype == "float16" else torch.float32
+            parts.append(SampleBank.generate(sampler, missing, dtype=dtype, progress=progress))
+        bank = SampleBank.concat(parts)
     seconds = time.perf_counter() - start
     return bank, StageReport(seconds, samples=len(bank))
 
@@ -239,10 +253,10 @@ def amalgamate(
     union = UnionRule(teachers, cfg.union.rule).to(device)
     proxy = build_student(cfg.student, teachers).to(device) if cfg.gan.loss.adv > 0 else None
     stages: dict[str, StageReport] = {}
-    gan, stages["gan"] = train_gan(
+    gan, trajectory, stages["gan"] = train_gan(
         teachers, union, cfg, device=device, on_metrics=on_metrics, progress=progress, student=proxy
     )
-    bank, stages["export"] = sample_bank(gan, cfg, device=device, progress=progress)
+    bank, stages["export"] = sample_bank(gan, cfg, trajectory, device=device, progress=progress)
     if cfg.union.routing != "none":
         with data_free("routing calibration"):
             stages["export"].extra["routing"] = calibrate_routing(union, bank)

@@ -19,39 +19,21 @@ from __future__ import annotations
 import json
 import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.stage1 import AmalgamatingGAN
 from dfka.bundles import sha256_file
 from dfka.errors import StorageError
 
 SAMPLES_MANIFEST = "samples.json"
 SAMPLES_FORMAT = "dfka.samples/v1"
-
-
-@dataclass
-class SampleBatch:
-    z: torch.Tensor
-    image: torch.Tensor
-    features: dict[int, torch.Tensor]  # teacher level -> generated feature
-    logits: dict[str, torch.Tensor]  # teacher name -> logits on the image
-
-    def __len__(self) -> int:
-        return self.image.shape[0]
-
-    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> SampleBatch:
-        return SampleBatch(
-            self.z.to(device, dtype),
-            self.image.to(device, dtype),
-            {k: v.to(device, dtype) for k, v in self.features.items()},
-            {k: v.to(device, torch.float32) for k, v in self.logits.items()},
-        )
 
 
 class Sampler:
@@ -131,6 +113,14 @@ class SampleBank:
                 bar.update(len(batch))
         return cls({k: torch.cat(v) for k, v in parts.items()}, names, levels)
 
+    @classmethod
+    def concat(cls, banks: list[SampleBank]) -> SampleBank:
+        first = banks[0]
+        if len(banks) == 1:
+            return first
+        tensors = {k: torch.cat([b.tensors[k].to(first.tensors[k].dtype) for b in banks]) for k in first.tensors}
+        return cls(tensors, first.teacher_names, first.levels)
+
     def batch(self, index: torch.Tensor, device: torch.device | None = None) -> SampleBatch:
         t = {k: v[index] for k, v in self.tensors.items()}
         batch = SampleBatch(
@@ -151,6 +141,45 @@ class SampleBank:
                 yield self.batch(order[start : start + batch_size], device)
 
 
+class TrajectoryCollector:
+    """Keeps a uniform random subset (reservoir) of the samples stage 1 generates after ``start`` of its
+    schedule, so the bank mixes generator states along the trajectory, like the stream a co-trained
+    student sees in DAFL. The samples come for free: the step already generated and scored them.
+    """
+
+    def __init__(self, capacity: int, start: float = 0.3, seed: int = 0, dtype: torch.dtype = torch.float16):
+        self.capacity = capacity
+        self.start = start
+        self.dtype = dtype
+        self.seen = 0
+        self.rng = torch.Generator().manual_seed(seed)
+        self.store: dict[str, torch.Tensor] = {}
+        self.teacher_names: list[str] = []
+        self.levels: list[int] = []
+
+    def __call__(self, step: int, total: int, batch: SampleBatch) -> None:
+        if step < self.start * total:
+            return
+        flat = {k: (v.float() if k.startswith("logits.") else v.to(self.dtype)).cpu() for k, v in _flatten(batch).items()}
+        n = len(batch)
+        if not self.store:
+            self.teacher_names, self.levels = list(batch.logits), sorted(batch.features)
+            self.store = {k: v.new_zeros(self.capacity, *v.shape[1:]) for k, v in flat.items()}
+        # reservoir sampling, vectorised over the batch: sample i is the (seen+i+1)-th candidate
+        rank = torch.arange(self.seen + 1, self.seen + n + 1, dtype=torch.float64)
+        slot = (torch.rand(n, generator=self.rng, dtype=torch.float64) * rank).long()
+        fill = rank <= self.capacity
+        slot[fill] = rank[fill].long() - 1
+        keep = slot < self.capacity
+        for k, v in flat.items():
+            self.store[k][slot[keep]] = v[keep]
+        self.seen += n
+
+    def bank(self) -> SampleBank:
+        size = min(self.seen, self.capacity)
+        return SampleBank({k: v[:size] for k, v in self.store.items()}, self.teacher_names, self.levels)
+
+
 def _flatten(batch: SampleBatch) -> dict[str, torch.Tensor]:
     out = {"z": batch.z, "image": batch.image}
     out.update({f"feat.{lvl}": f for lvl, f in batch.features.items()})
@@ -168,12 +197,18 @@ class SamplesManifest(BaseModel):
     shapes: dict[str, list[int]]
     dtype: str
     shards: list[dict[str, str | int]]
+    extra: dict[str, Any] = {}
 
 
 def export_bank(
-    bank: SampleBank, uri: str, shard_size: int = 10000, progress: bool = True
+    bank: SampleBank,
+    uri: str,
+    shard_size: int = 10000,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
 ) -> SamplesManifest:
-    """Write ``bank`` as sharded safetensors plus ``samples.json`` (manifest last)."""
+    """Write ``bank`` as sharded safetensors plus ``samples.json`` (manifest last); ``extra`` is stored in
+    the manifest as is (e.g. the union rule and its routing calibration)."""
     from dfka import storage
 
     shards = []
@@ -197,6 +232,7 @@ def export_bank(
             shapes={k: list(v.shape[1:]) for k, v in bank.tensors.items()},
             dtype=str(bank.tensors["image"].dtype).removeprefix("torch."),
             shards=shards,
+            extra=dict(extra or {}),
         )
         storage.put_bytes(manifest.model_dump_json(indent=2).encode(), storage.join(uri, SAMPLES_MANIFEST))
     return manifest

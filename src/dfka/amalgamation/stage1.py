@@ -24,8 +24,12 @@ Trainable: the generator groups and the filters ``f_m^j`` (``j<B``). Teachers ne
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
+
+from dfka.amalgamation.batch import SampleBatch
 
 from dfka.amalgamation.config import GanConfig
 from dfka.amalgamation.engine import cosine_lr, set_lr
@@ -98,11 +102,8 @@ class AmalgamatingGAN(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.generator.parameters(), *self.filters.parameters()]
 
-    def teacher_union(self, image: torch.Tensor) -> torch.Tensor:
-        return self.union({name: model(image) for name, model in self.teachers})
-
-    def losses(self, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-        """Named loss parts (unweighted) for a latent batch, plus the generated image."""
+    def losses(self, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], SampleBatch]:
+        """Named loss parts (unweighted) for a latent batch, plus what was generated and scored."""
         feats = self.generator(z)
         image = feats[-1]
         if self.bn_stats is not None:
@@ -155,7 +156,8 @@ class AmalgamatingGAN(nn.Module):
             parts["adv"] = -(self.student(image) - scores).abs().mean()
         else:
             parts["adv"] = zero
-        return parts, image
+        levels = {self.generator.level_of_group(j): feats[j - 1] for j in range(1, blocks)}
+        return parts, SampleBatch(z, image, levels, logits)
 
     def weighted(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         w = self.cfg.loss
@@ -182,26 +184,31 @@ class GanTrainer:
             torch.optim.Adam(gan.student.parameters(), lr=self.cfg.lr) if gan.student is not None else None
         )
         self.rng = torch.Generator().manual_seed(seed)
+        #: called with every step's generated batch (already scored by the teachers), e.g. to bank it
+        self.collector: Callable[[int, int, SampleBatch], None] | None = None
 
     def step(self, step: int, total: int) -> dict[str, torch.Tensor]:
         self.gan.train()
         lr = cosine_lr(self.cfg.lr, step, total)
         set_lr(self.optimizer, lr)
         z = torch.randn(self.cfg.batch_size, self.cfg.latent_dim, generator=self.rng).to(self.device)
-        parts, image = self.gan.losses(z)
+        parts, generated = self.gan.losses(z)
         loss = self.gan.weighted(parts)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         out = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
         if self.student_optimizer is not None:
-            out["student_kd"] = self._student_steps(image.detach())
+            out["student_kd"] = self._student_steps(generated)
+        if self.collector is not None:
+            self.collector(step, total, generated.detached())
         return out
 
-    def _student_steps(self, image: torch.Tensor) -> torch.Tensor:
+    def _student_steps(self, generated: SampleBatch) -> torch.Tensor:
         student = self.gan.student
-        with torch.no_grad():
-            target = self.gan.teacher_union(image)
+        image = generated.image.detach()
+        with torch.no_grad():  # the teachers already scored this batch: reuse their logits
+            target = self.gan.union({k: v.detach() for k, v in generated.logits.items()})
         for _ in range(self.cfg.adv_student_steps):
             kd = union_loss(student(image), target, self.gan.union.multiclass_mask)
             self.student_optimizer.zero_grad(set_to_none=True)

@@ -70,10 +70,22 @@ class UnionRule(nn.Module):
         return torch.where(self.multiclass_mask, logp, torch.logit(mean.clamp(_EPS, 1 - _EPS)))
 
     def calibration(self) -> dict[str, dict[str, float]]:
+        """The routing calibration per teacher (identity: bias 0, temperature 1)."""
         return {
             name: {"bias": float(self.bias[i]), "temperature": float(self.log_temp[i].exp())}
             for i, name in enumerate(self.names)
         }
+
+    @torch.no_grad()
+    def load_calibration(self, calibration: dict[str, dict[str, float]]) -> None:
+        """Restore what :meth:`calibration` returned (e.g. from an export manifest)."""
+        unknown = set(calibration) - set(self.names)
+        if unknown:
+            raise ConfigError(f"routing calibration names unknown teachers {sorted(unknown)}")
+        for i, name in enumerate(self.names):
+            if name in calibration:
+                self.bias[i] = calibration[name]["bias"]
+                self.log_temp[i] = torch.log(torch.tensor(calibration[name]["temperature"]))
 
 
 def union_loss(

@@ -1,0 +1,34 @@
+"""One batch of synthetic samples: what the generator made and what every teacher said about it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class SampleBatch:
+    z: torch.Tensor
+    image: torch.Tensor
+    features: dict[int, torch.Tensor]  # teacher level -> generated feature
+    logits: dict[str, torch.Tensor]  # teacher name -> logits on the image
+
+    def __len__(self) -> int:
+        return self.image.shape[0]
+
+    def to(self, device: torch.device, dtype: torch.dtype = torch.float32) -> SampleBatch:
+        return SampleBatch(
+            self.z.to(device, dtype),
+            self.image.to(device, dtype),
+            {k: v.to(device, dtype) for k, v in self.features.items()},
+            {k: v.to(device, torch.float32) for k, v in self.logits.items()},
+        )
+
+    def detached(self) -> SampleBatch:
+        return SampleBatch(
+            self.z.detach(),
+            self.image.detach(),
+            {k: v.detach() for k, v in self.features.items()},
+            {k: v.detach() for k, v in self.logits.items()},
+        )
