@@ -43,6 +43,18 @@ lint: $(STAMP)
 demo: setup
 	$(BIN)/dfka demo
 
+compile: $(STAMP)
+	$(BIN)/dfka pipeline compile
+
+IMAGE_REGISTRY ?= ghcr.io/dfka
+DFKA_VERSION = $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+GIT_COMMIT = $(shell git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+# Needs a Docker engine (none on the dev machine): the GPU stage image, its CPU variant, and MLflow's.
+images:
+	docker build -f images/stage.Dockerfile --build-arg DFKA_GIT_COMMIT=$(GIT_COMMIT) -t $(IMAGE_REGISTRY)/dfka-stage:$(DFKA_VERSION) .
+	docker build -f images/stage-cpu.Dockerfile --build-arg DFKA_GIT_COMMIT=$(GIT_COMMIT) -t $(IMAGE_REGISTRY)/dfka-stage:$(DFKA_VERSION)-cpu .
+	docker build -f images/mlflow.Dockerfile -t $(IMAGE_REGISTRY)/dfka-mlflow:3.17.2-1 images/
+
 stack-up: $(STAMP)
 	$(BIN)/dfka stack up
 
