@@ -54,8 +54,11 @@ def run_loop(
     checkpoint: CheckpointFn | None = None,
     checkpoint_every: int = 0,
     step_offset: int = 0,
+    elapsed_offset: float = 0.0,
 ) -> LoopResult:
-    """Run ``step_fn`` until the budget is spent; ``start_step`` resumes a cut-off step-budget run.
+    """Run ``step_fn`` until the budget is spent; ``start_step`` resumes a cut-off run, and
+    ``elapsed_offset`` (the loop seconds spent before the cut) makes a resumed time budget continue with
+    the remaining time; ``LoopResult.seconds`` then includes it.
 
     With a time budget the schedule length is re-estimated from the measured step rate as the run goes
     (``step · seconds / elapsed``), so the learning rate reaches its floor when the time runs out.
@@ -73,7 +76,7 @@ def run_loop(
     )
     step = start_step
     while True:
-        elapsed = time.perf_counter() - started
+        elapsed = elapsed_offset + time.perf_counter() - started
         if by_time:
             if elapsed >= budget.seconds:
                 break
@@ -95,7 +98,7 @@ def run_loop(
     if count:
         last = _flush(sums, count, prefix, bar, on_metrics, step_offset + step)
     bar.close()
-    return LoopResult(steps=step, seconds=time.perf_counter() - started, metrics=last)
+    return LoopResult(steps=step, seconds=elapsed_offset + time.perf_counter() - started, metrics=last)
 
 
 def _flush(

@@ -24,6 +24,7 @@ from dfka.amalgamation.stage2 import BlockTrainer, DualGenerator
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule
 from dfka.bundles import TeacherBundle
+from dfka.checkpoint import Checkpoints, Position
 from dfka.data.guard import data_free
 from dfka.models import BlockClassifier, build_model, parse_arch
 from dfka.runtime import pick_device, seed_everything, set_threads
@@ -94,9 +95,12 @@ def train_gan(
     on_metrics: MetricsCallback | None = None,
     progress: bool = True,
     student: BlockClassifier | None = None,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple[AmalgamatingGAN, SampleBank | None, StageReport]:
     """Stage 1. Returns the generator (with filters), the trajectory samples kept for the export (when
-    ``export.source`` is ``trajectory``) and the report. ``student`` is only the proxy for the adversarial term."""
+    ``export.source`` is ``trajectory``) and the report. ``student`` is only the proxy for the adversarial term.
+    With ``checkpoints`` it resumes from the last checkpoint and checkpoints every ``checkpoints.every``
+    steps and at the end."""
     with data_free("stage 1: amalgamating GAN"):
         seed_everything(cfg.seed)
         gan = AmalgamatingGAN(teachers, union, cfg.gan, student=student)
@@ -106,6 +110,9 @@ def train_gan(
             dtype = torch.float16 if cfg.export.dtype == "float16" else torch.float32
             collector = TrajectoryCollector(cfg.export.samples, cfg.export.start, seed=cfg.seed + 1, dtype=dtype)
             trainer.collector = collector
+        state = {"trainer": trainer, **({"collector": collector} if collector is not None else {})}
+        at = checkpoints.restore(state) if checkpoints is not None else None
+        offset = at.seconds if at else 0.0
         result = run_loop(
             trainer.step,
             cfg.gan.budget,
@@ -113,7 +120,13 @@ def train_gan(
             prefix="gan",
             on_metrics=on_metrics,
             progress=progress,
+            start_step=at.step if at else 0,
+            elapsed_offset=offset,
+            checkpoint=checkpoints.hook(state, "gan", offset=offset) if checkpoints else None,
+            checkpoint_every=checkpoints.every if checkpoints else 0,
         )
+        if checkpoints is not None and not (at and at.done and at.step == result.steps):
+            checkpoints.save(state, Position("gan", result.steps, done=True, seconds=result.seconds))
     report = StageReport(result.seconds, result.steps, result.steps * cfg.gan.batch_size, dict(result.metrics))
     return gan, (collector.bank() if collector is not None and collector.seen else None), report
 
@@ -151,8 +164,11 @@ def train_blocks(
     device: torch.device,
     on_metrics: MetricsCallback | None = None,
     progress: bool = True,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple[DualGenerator, StageReport]:
-    """Stage 2: block ``b = 1..B`` in turn, each with its share of the budget."""
+    """Stage 2: block ``b = 1..B`` in turn, each with its share of the budget. With ``checkpoints`` it
+    resumes from the last checkpoint (skipping finished blocks) and checkpoints every
+    ``checkpoints.every`` steps and at the end of each block."""
     with data_free("stage 2: dual-generator block training"):
         seed_everything(cfg.seed + 2)
         student = build_student(cfg.student, teachers)
@@ -168,9 +184,18 @@ def train_blocks(
 
             raise ConfigError(f"blocks.block_weights has {len(shares)} entries for {blocks} blocks")
         budgets = _split(cfg.blocks.budget, shares)
-        total_steps, total_seconds, extra = 0, 0.0, {}
+        state = {"trainer": trainer, "batches": trainer.batches}
+        at = checkpoints.restore(state) if checkpoints is not None else None
+        done = at.data if at else {"steps": 0, "seconds": 0.0, "extra": {}}
+        total_steps, total_seconds, extra = int(done["steps"]), float(done["seconds"]), dict(done["extra"])
         for b in range(1, blocks + 1):
-            trainer.start_block(b)
+            if at is not None and (b < at.block or (b == at.block and at.done)):
+                continue  # finished before the restart
+            resumed = at is not None and b == at.block
+            if not resumed:
+                trainer.start_block(b)  # a resumed block's optimiser came back with the checkpoint
+            offset = at.seconds if resumed else 0.0
+            so_far = {"steps": total_steps, "seconds": total_seconds, "extra": extra}
             result: LoopResult = run_loop(
                 trainer.step,
                 budgets[b - 1],
@@ -179,12 +204,21 @@ def train_blocks(
                 on_metrics=on_metrics,
                 progress=progress,
                 step_offset=total_steps,
+                start_step=at.step if resumed else 0,
+                elapsed_offset=offset,
+                checkpoint=checkpoints.hook(state, "blocks", block=b, data=so_far, offset=offset)
+                if checkpoints
+                else None,
+                checkpoint_every=checkpoints.every if checkpoints else 0,
             )
             total_steps += result.steps
             total_seconds += result.seconds
             extra[f"block{b}_steps"] = result.steps
             extra[f"block{b}_seconds"] = result.seconds
             extra.update(result.metrics)
+            if checkpoints is not None:
+                so_far = {"steps": total_steps, "seconds": total_seconds, "extra": extra}
+                checkpoints.save(state, Position("blocks", result.steps, b, True, result.seconds, so_far))
     report = StageReport(total_seconds, total_steps, total_steps * cfg.blocks.batch_size, extra)
     return dual, report
 

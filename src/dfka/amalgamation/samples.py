@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.stage1 import AmalgamatingGAN
 from dfka.bundles import sha256_file
-from dfka.errors import StorageError
+from dfka.errors import ConfigError, StorageError
 
 SAMPLES_MANIFEST = "samples.json"
 SAMPLES_FORMAT = "dfka.samples/v1"
@@ -133,12 +133,53 @@ class SampleBank:
 
     def batches(
         self, batch_size: int, rng: torch.Generator, device: torch.device | None = None
-    ) -> Iterator[SampleBatch]:
-        """Endless shuffled mini-batches (a new permutation per pass)."""
-        while True:
-            order = torch.randperm(len(self), generator=rng)
-            for start in range(0, len(self) - batch_size + 1, batch_size):
-                yield self.batch(order[start : start + batch_size], device)
+    ) -> BatchStream:
+        """Endless shuffled mini-batches (a new permutation per pass); resumable, see :class:`BatchStream`."""
+        return BatchStream(self, batch_size, rng, device)
+
+
+class BatchStream(Iterator[SampleBatch]):
+    """The endless shuffled mini-batches of a bank, as an iterator whose position can be checkpointed.
+
+    Each pass draws a permutation from ``rng`` and yields the full batches of it in order (the
+    remainder is dropped). The state is the RNG state at the start of the current pass plus the index
+    in it, so a restored stream redraws the same permutation and continues with the same batch.
+    """
+
+    def __init__(self, bank: SampleBank, batch_size: int, rng: torch.Generator, device: torch.device | None):
+        if len(bank) < batch_size:
+            raise ConfigError(
+                f"the sample bank holds {len(bank)} samples, fewer than one batch of {batch_size}",
+                "raise export.samples or lower the batch size",
+            )
+        self.bank, self.batch_size, self.rng, self.device = bank, batch_size, rng, device
+        self._order: torch.Tensor | None = None
+        self._pass_rng: torch.Tensor | None = None
+        self._pos = 0
+
+    def __next__(self) -> SampleBatch:
+        if self._order is None or self._pos + self.batch_size > len(self.bank):
+            self._pass_rng = self.rng.get_state()
+            self._order = torch.randperm(len(self.bank), generator=self.rng)
+            self._pos = 0
+        index = self._order[self._pos : self._pos + self.batch_size]
+        self._pos += self.batch_size
+        return self.bank.batch(index, self.device)
+
+    def state_dict(self) -> dict[str, Any]:
+        if self._order is None:
+            return {"rng": self.rng.get_state(), "pass_rng": None, "pos": 0}
+        return {"rng": self.rng.get_state(), "pass_rng": self._pass_rng, "pos": self._pos}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["pass_rng"] is None:
+            self.rng.set_state(state["rng"])
+            self._order, self._pass_rng, self._pos = None, None, 0
+            return
+        self.rng.set_state(state["pass_rng"])
+        self._pass_rng = state["pass_rng"]
+        self._order = torch.randperm(len(self.bank), generator=self.rng)
+        self._pos = int(state["pos"])
 
 
 class TrajectoryCollector:
@@ -174,6 +215,22 @@ class TrajectoryCollector:
         for k, v in flat.items():
             self.store[k][slot[keep]] = v[keep]
         self.seen += n
+
+    def state_dict(self) -> dict[str, Any]:
+        """The reservoir, the count seen and the RNG: what a resumed stage 1 needs to keep the same samples."""
+        return {
+            "seen": self.seen,
+            "rng": self.rng.get_state(),
+            "store": dict(self.store),
+            "teacher_names": list(self.teacher_names),
+            "levels": list(self.levels),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.seen = int(state["seen"])
+        self.rng.set_state(state["rng"])
+        self.store = dict(state["store"])
+        self.teacher_names, self.levels = list(state["teacher_names"]), [int(x) for x in state["levels"]]
 
     def bank(self) -> SampleBank:
         size = min(self.seen, self.capacity)
