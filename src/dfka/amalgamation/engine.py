@@ -14,6 +14,7 @@ A step function takes ``(step, total_steps)`` and returns a dict with ``loss`` a
 from __future__ import annotations
 
 import math
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -72,7 +73,13 @@ def run_loop(
     count = 0
     last: dict[str, float] = {}
     bar = tqdm(
-        total=None if by_time else total, initial=start_step, desc=desc, disable=not progress, leave=False, unit="step"
+        total=None if by_time else total,
+        initial=start_step,
+        desc=desc,
+        disable=not progress,
+        leave=False,
+        unit="step",
+        mininterval=0.5 if sys.stderr.isatty() else 30.0,  # logs, not a terminal: a line every 30 s
     )
     step = start_step
     while True:

@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.stage1 import AmalgamatingGAN
 from dfka.bundles import sha256_file
+from dfka.models import frozen_bn_stats
 from dfka.errors import ConfigError, StorageError
 
 SAMPLES_MANIFEST = "samples.json"
@@ -58,8 +59,8 @@ class Sampler:
         was_training = gen.training
         gen.train()
         z = torch.randn(n, gen.latent_dim, generator=self.rng).to(self.device)
-        # Use the forward of each group directly so BN running stats are not touched (momentum 0).
-        feats = _forward_no_stat_update(gen, z)
+        with frozen_bn_stats(gen):
+            feats = gen(z)
         gen.train(was_training)
         image = feats[-1]
         levels = {gen.level_of_group(j): feats[j - 1] for j in range(1, gen.num_groups)}
@@ -69,18 +70,6 @@ class Sampler:
     def __iter__(self) -> Iterator[SampleBatch]:
         while True:
             yield self.sample()
-
-
-def _forward_no_stat_update(gen: torch.nn.Module, z: torch.Tensor) -> list[torch.Tensor]:
-    bns = [m for m in gen.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    saved = [m.momentum for m in bns]
-    for m in bns:
-        m.momentum = 0.0
-    try:
-        return gen(z)
-    finally:
-        for m, mom in zip(bns, saved):
-            m.momentum = mom
 
 
 class SampleBank:

@@ -33,7 +33,7 @@ from dfka.amalgamation.filters import ChannelGate, TeacherFilter, projection
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.teacher_set import TeacherSet, check_student
 from dfka.amalgamation.union import UnionRule, union_loss
-from dfka.models import BlockClassifier
+from dfka.models import BlockClassifier, frozen_bn_stats
 
 
 class Branch(nn.Module):
@@ -162,13 +162,15 @@ class BlockTrainer:
         weights = self._sample_weights(target)
         mask = self.union.multiclass_mask
         stream1 = self._loss(self.scores_from(student.run_blocks(own, b - 1, b), b), target, mask, weights)
-        if b == 1:
-            stream2 = stream1
+        if b == 1 or self.cfg.lambda_stream2 == 0:
+            stream2 = stream1 if b == 1 else torch.zeros_like(stream1)
         else:
             adapted = self.dual.stream2[str(b)](batch.features[b - 1])
-            stream2 = self._loss(
-                self.scores_from(student.run_blocks(adapted, b - 1, b), b), target, mask, weights
-            )
+            # Stream 2 shapes the block but must not shift its BN running statistics: at inference the
+            # block only ever sees stream 1 (the student's own path).
+            with frozen_bn_stats(student.blocks[b - 1]):
+                feature = student.run_blocks(adapted, b - 1, b)
+            stream2 = self._loss(self.scores_from(feature, b), target, mask, weights)
         loss = self.cfg.lambda_stream1 * stream1 + self.cfg.lambda_stream2 * stream2
         return {"loss": loss, "stream1": stream1.detach(), "stream2": stream2.detach()}
 

@@ -1,6 +1,6 @@
 """Block-structured classifiers: B blocks plus a head, with queryable per-level shapes."""
 
-from dfka.models.base import BlockClassifier, freeze
+from dfka.models.base import BlockClassifier, freeze, frozen_bn_stats
 from dfka.models.lenet import lenet5
 from dfka.models.profile import count_flops, count_params
 from dfka.models.registry import available, build_model, parse_arch, register
@@ -13,6 +13,7 @@ __all__ = [
     "count_flops",
     "count_params",
     "freeze",
+    "frozen_bn_stats",
     "lenet5",
     "parse_arch",
     "register",

@@ -11,7 +11,8 @@ step of block 1, so teachers with different normalisations share one image space
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -115,6 +116,21 @@ class BlockClassifier(nn.Module):
             raise ValueError(f"head outputs {tuple(out.shape[1:])}, spec says {self.num_outputs}")
         self.train(was_training)
         return shapes
+
+
+@contextmanager
+def frozen_bn_stats(module: nn.Module) -> Iterator[None]:
+    """Inside the block, BatchNorm layers still normalise with batch statistics in training mode but do
+    not update their running statistics (momentum 0)."""
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(bns, saved):
+            m.momentum = momentum
 
 
 def freeze(module: nn.Module) -> nn.Module:

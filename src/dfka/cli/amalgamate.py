@@ -1,0 +1,99 @@
+"""``dfka amalgamate``: stages 1-3 in one process, then an evaluation on the real test split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "amalgamate",
+        help="amalgamate teacher bundles into one TargetNet without training data (stages 1-3), then evaluate",
+    )
+    p.add_argument(
+        "--teachers", nargs="+", required=True, help="teacher bundle dirs or s3:// prefixes (>= 2)"
+    )
+    p.add_argument("--labels", help="target labels Y_cst by name, ranges allowed (default: the union)")
+    p.add_argument(
+        "--student", default=None, help="student architecture, e.g. lenet5:0.5 (default from config)"
+    )
+    p.add_argument(
+        "--budget-minutes", type=float, help="wall-clock budget for stages 1-3, split over the stages"
+    )
+    p.add_argument("--config", help="YAML with AmalgamationConfig fields (command-line flags win)")
+    p.add_argument("--preset", choices=["dfka", "paper"], help="paper: the paper's losses only (ablation)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--threads", type=int)
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--eval-dataset", help="real test split to score on (default: the teachers' dataset)")
+    p.add_argument("--out", required=True, help="output dir or s3://bucket/prefix for the TargetNet")
+    p.set_defaults(func=_amalgamate)
+
+
+def _amalgamate(args: argparse.Namespace) -> int:
+    from dfka.amalgamation.config import AmalgamationConfig
+    from dfka.amalgamation.regroup import save_targetnet
+    from dfka.amalgamation.run import amalgamate
+    from dfka.bundles import load_bundle
+    from dfka.data import parse_labels
+    from dfka.errors import ConfigError
+    from dfka.teachers import load_yaml
+
+    raw = dict(load_yaml(args.config) or {}) if args.config else {}
+    for key, value in {
+        "student": args.student,
+        "budget_minutes": args.budget_minutes,
+        "preset": args.preset,
+        "seed": args.seed,
+        "threads": args.threads,
+        "device": args.device,
+    }.items():
+        if value is not None:
+            raw[key] = value
+    if args.labels:
+        raw["target_labels"] = parse_labels(args.labels)
+    try:
+        cfg = AmalgamationConfig.model_validate(raw)
+    except ValueError as err:
+        raise ConfigError(f"invalid amalgamation config: {err}", "see dfka.amalgamation.config") from None
+    bundles = [load_bundle(uri) for uri in args.teachers]
+
+    result = amalgamate(bundles, cfg)
+    print("\nstage        seconds   steps   samples/s")
+    for name, report in result.stages.items():
+        print(f"{name:<12} {report.seconds:8.1f} {report.steps:7d} {report.samples_per_second:11.0f}")
+    total = sum(r.seconds for r in result.stages.values())
+    print(f"{'total':<12} {total:8.1f}")
+
+    metrics = evaluate_on_test(result, bundles, args.eval_dataset)
+    for key, value in metrics.items():
+        print(f"{key:<28} {value:.4f}")
+    provenance = {"teachers": [b.source for b in bundles], "config": json.loads(cfg.model_dump_json())}
+    save_targetnet(result.targetnet.cpu(), args.out, metrics=metrics, provenance=provenance)
+    print(f"TargetNet: {args.out}/ (targetnet.json, targetnet.safetensors, targetnet.torchscript.pt)")
+    return 0
+
+
+def evaluate_on_test(result, bundles, dataset: str | None) -> dict[str, float]:
+    """TargetNet, teacher ensemble and each teacher on the real test split (union and sub-tasks)."""
+    from dfka.bench.evaluate import evaluate_model, evaluate_teachers, load_eval_set
+    from dfka.errors import ConfigError
+
+    if dataset is None:
+        datasets = {b.manifest.training.get("dataset") for b in bundles}
+        if len(datasets) != 1 or None in datasets:
+            raise ConfigError(
+                f"the teachers were trained on {sorted(map(str, datasets))}",
+                "pass --eval-dataset (e.g. mnist+fashion)",
+            )
+        dataset = datasets.pop()
+    teachers, union = result.teachers.cpu(), result.union.cpu()
+    ev = load_eval_set(dataset, teachers, "multilabel" if teachers.task == "multilabel" else "multiclass")
+    student, _ = evaluate_model(result.targetnet.cpu(), ev)
+    ensemble, _ = evaluate_model(lambda x: union({n: m(x) for n, m in teachers}), ev)
+    return (
+        {f"student.{k}": v for k, v in student.items()}
+        | {f"ensemble.{k}": v for k, v in ensemble.items()}
+        | evaluate_teachers(teachers, ev)
+    )
