@@ -273,3 +273,33 @@ def test_union_loss_is_minimal_at_the_target() -> None:
     at_target.backward()
     assert s.grad.abs().max() < 1e-6  # a stationary point (KL is 0 there, soft BCE at its minimum)
     assert union_loss(torch.randn(6, 4), t, mask) > at_target + 0.01
+
+
+def test_bn_statistics_term_matches_the_definition() -> None:
+    """Σ_ℓ ‖μ_ℓ - μ̂_ℓ‖₂ + ‖σ²_ℓ - σ̂²_ℓ‖₂ over 2-d and 1-d BatchNorm layers, as DeepInversion defines it."""
+    from torch import nn
+
+    from dfka.amalgamation.losses import BNStatsRecorder
+
+    model = nn.Sequential(
+        nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5), nn.BatchNorm1d(5)
+    ).eval()
+    for layer in (model[1], model[4]):
+        layer.running_mean.uniform_()
+        layer.running_var.uniform_(0.5, 2)
+    recorder = BNStatsRecorder([model])
+    x = torch.randn(16, 1, 6, 6)
+    model(x)
+    assert float(recorder.pop()) == 0.0  # inactive: nothing recorded
+    recorder.active = True
+    model(x)
+    got = recorder.pop()
+    expected = torch.zeros(())
+    h = x
+    for layer in model:
+        if isinstance(layer, nn.modules.batchnorm._BatchNorm):
+            dims = [0, 2, 3] if h.dim() == 4 else [0]
+            var, mean = torch.var_mean(h, dim=dims, unbiased=False)
+            expected = expected + (mean - layer.running_mean).norm() + (var - layer.running_var).norm()
+        h = layer(h)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

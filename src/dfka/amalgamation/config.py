@@ -65,7 +65,9 @@ class ExportConfig(_Strict):
         description="trajectory: a reservoir of the samples stage 1 generated after `start` of its schedule; "
         "final: fresh samples from the final generator",
     )
-    start: float = Field(0.3, ge=0, lt=1, description="fraction of stage 1 after which trajectory samples are kept")
+    start: float = Field(
+        0.3, ge=0, lt=1, description="fraction of stage 1 after which trajectory samples are kept"
+    )
     shard_size: int = Field(10000, ge=1)
     dtype: Literal["float16", "float32"] = "float16"
 
