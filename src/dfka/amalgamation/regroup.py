@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dfka import __version__
+from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.config import RegroupConfig
 from dfka.amalgamation.engine import cosine_lr, set_lr
-from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.stage2 import Branch, DualGenerator
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.bundles import sha256_file

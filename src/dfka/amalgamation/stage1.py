@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 from dfka.amalgamation.batch import SampleBatch
-
 from dfka.amalgamation.config import GanConfig
 from dfka.amalgamation.engine import cosine_lr, set_lr
 from dfka.amalgamation.filters import TeacherFilter

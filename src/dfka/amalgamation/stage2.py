@@ -27,10 +27,10 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.config import BlocksConfig
 from dfka.amalgamation.engine import cosine_lr, set_lr
 from dfka.amalgamation.filters import ChannelGate, TeacherFilter, projection
-from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.teacher_set import TeacherSet, check_student
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.models import BlockClassifier, frozen_bn_stats
