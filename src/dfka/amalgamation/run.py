@@ -232,8 +232,10 @@ def regroup(
     device: torch.device,
     on_metrics: MetricsCallback | None = None,
     progress: bool = True,
+    checkpoints: Checkpoints | None = None,
 ) -> tuple[TargetNet, StageReport]:
-    """Stage 3: assemble the TargetNet; fine-tune end to end when ``regroup.finetune`` is set."""
+    """Stage 3: assemble the TargetNet; fine-tune end to end when ``regroup.finetune`` is set (resuming
+    from and writing ``checkpoints`` like the other training loops, when given)."""
     with data_free("stage 3: regroup"):
         start = time.perf_counter()
         net = TargetNet.from_dual(dual, dual.teachers.label_tasks).to(device)
@@ -243,6 +245,9 @@ def regroup(
             trainer = FinetuneTrainer(
                 net, union, cfg.regroup, bank.batches(cfg.regroup.batch_size, rng, device), device
             )
+            state = {"net": net, "optimizer": trainer.optimizer, "batches": trainer.batches}
+            at = checkpoints.restore(state) if checkpoints is not None else None
+            offset = at.seconds if at else 0.0
             result = run_loop(
                 trainer.step,
                 cfg.regroup.finetune,
@@ -250,7 +255,14 @@ def regroup(
                 prefix="finetune",
                 on_metrics=on_metrics,
                 progress=progress,
+                start_step=at.step if at else 0,
+                elapsed_offset=offset,
+                checkpoint=checkpoints.hook(state, "finetune", offset=offset) if checkpoints else None,
+                checkpoint_every=checkpoints.every if checkpoints else 0,
             )
+            if checkpoints is not None and not (at and at.done and at.step == result.steps):
+                done = Position("finetune", result.steps, done=True, seconds=result.seconds)
+                checkpoints.save(state, done)
             steps = result.steps
     net.eval()
     return net, StageReport(time.perf_counter() - start, steps, steps * cfg.regroup.batch_size)
