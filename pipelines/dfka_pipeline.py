@@ -28,7 +28,7 @@ from components import (
 )
 from dfka.amalgamation.config import AmalgamationConfig
 from dfka.cluster import PIPELINE_CONFIG_KEYS, S3_SECRET_TO_ENV
-from dfka.pipeline_config import DEMO_TEACHERS, RUN_ID_ENV, PipelineSettings
+from dfka.pipeline_config import CHECKPOINT_EVERY_ENV, DEMO_TEACHERS, RUN_ID_ENV, PipelineSettings
 
 #: The pod label that carries the KFP run id (read through the downward API).
 RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
@@ -137,6 +137,8 @@ def gpu_stage(s: PipelineSettings, task: PipelineTask) -> PipelineTask:
         kubernetes.add_toleration(
             task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect
         )
+    # a retried attempt resumes from the stage's last checkpoint (s3://<bucket>/runs/<run-id>/<stage>/checkpoints)
+    task.set_env_variable(CHECKPOINT_EVERY_ENV, str(s.checkpoint_every))
     r = s.retries
     if r.num_retries > 0:
         task.set_retry(

@@ -80,6 +80,10 @@ def run(
 
     cfg = ExperimentConfig.load(config_path)
     ensure_stack()
+    # bad bundles, labels or method settings fail here, in seconds and in one line, not in a stage
+    from dfka.stages.ingest import preflight
+
+    preflight(cfg)
     run_id = run_id or new_local_run_id()
     os.environ[RUN_ID_ENV] = run_id
     os.environ.setdefault(GIT_COMMIT_ENV, git_commit())
@@ -204,6 +208,8 @@ def collect(cfg: ExperimentConfig, run_id: str, bucket: str, root: Path, seconds
             "loop_seconds": (result.get("report") or {}).get("seconds"),
             "published": result.get("published"),
             "mlflow_run_id": result.get("mlflow_run_id"),
+            "tracking_offline": result.get("tracking_offline"),
+            "resumed_from": (result.get("checkpoints") or {}).get("resumed_from"),
         }
         if stage == "evaluate":
             evaluation = result
@@ -259,6 +265,11 @@ def render(summary: dict[str, Any]) -> str:
     if summary.get("registered_model"):
         r = summary["registered_model"]
         lines.append(f"model:   {r['name']} version {r['version']}  ({r['model_uri']})")
+    offline = [s["tracking_offline"] for s in summary["stages"].values() if s.get("tracking_offline")]
+    if offline:
+        lines.append("MLflow was unreachable during the run; the metrics are kept in:")
+        lines += [f"         {path}" for path in offline]
+        lines.append("         upload them with `dfka tracking sync` once the server is back")
     endpoint = f"  (S3 endpoint {summary['s3_endpoint']})" if summary.get("s3_endpoint") else ""
     lines.append(f"bucket:  {summary['bucket']}{endpoint}")
     return "\n".join(lines)

@@ -7,6 +7,7 @@ bucket, one MLflow parent run with six children, a registered TargetNet that loa
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import uuid
@@ -21,6 +22,7 @@ from dfka.amalgamation.samples import read_manifest
 from dfka.data import load_split
 from dfka.pipeline_config import STAGES
 from dfka.stages.context import find_parent
+from tests.test_secrets import assert_run_leaks_no_credentials
 from tests.test_stages import tiny_mnist_teacher
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -138,3 +140,18 @@ def test_pipeline_end_to_end_on_kfp_local(stack_env, tmp_path: Path, monkeypatch
     assert meta.labels == DIGITS and meta.provenance["run_id"] == run_id
     x, _ = load_split("mnist", "test", labels=DIGITS).tensors()
     assert net(x[:16]).shape == (16, 10)
+
+    # no credential of this run anywhere: its output, stage logs, kfp.local outputs, offline records,
+    # the published objects, MLflow params/tags, and the YAML compiled with these credentials in the env
+    from pipelines.compile import compile_pipeline
+
+    scanned = assert_run_leaks_no_credentials(
+        [stack_env.access_key, stack_env.secret_key],
+        outputs={"stdout": proc.stdout, "stderr": proc.stderr},
+        folders=[tmp_path / "kfp", Path(os.environ["DFKA_HOME"])],
+        prefixes=[runs],
+        compiled_yaml=compile_pipeline(tmp_path / "compiled.yaml"),
+        tracking_uri=stack_env.mlflow_uri,
+        experiment=experiment,
+    )
+    assert Path(summary["log"]).is_relative_to(tmp_path / "kfp") and scanned > 30

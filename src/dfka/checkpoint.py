@@ -13,7 +13,9 @@ A checkpoint exists once its manifest does. Older checkpoints are deleted only a
 complete (the newest ``keep`` stay), so a process or object store that dies mid-write leaves the last
 good checkpoint in place. On restore the newest complete checkpoint is verified (sha256) and loaded;
 one that fails verification is skipped for the one before it. A checkpoint written for another config
-(or other inputs) is refused with :class:`~dfka.errors.CheckpointError`: a run id belongs to one config.
+is refused with :class:`~dfka.errors.CheckpointError` (a run id belongs to one config); one written for
+the same config but other inputs (an upstream stage re-ran under the same run id) is ignored with a
+warning, and the stage starts afresh.
 
 Determinism: on CPU with a step budget, a stage killed after checkpoint ``k`` and restarted ends with
 bit-identical weights to an uninterrupted run (``tests/test_resume.py``). A time budget resumes with the
@@ -42,6 +44,7 @@ from safetensors.torch import load_file, save_file
 from dfka import storage
 from dfka.bundles import sha256_file
 from dfka.errors import CheckpointError, ConfigError, StorageError
+from dfka.pipeline_config import CHECKPOINT_EVERY_ENV, DEFAULT_CHECKPOINT_EVERY
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +52,7 @@ FORMAT = "dfka.checkpoint/v1"
 MANIFEST = "checkpoint.json"
 TENSORS = "state.safetensors"
 #: Steps between checkpoints of a training stage (``0``: only at the end of each block/phase).
-EVERY_ENV = "DFKA_CHECKPOINT_EVERY"
-DEFAULT_EVERY = 500
+EVERY_ENV, DEFAULT_EVERY = CHECKPOINT_EVERY_ENV, DEFAULT_CHECKPOINT_EVERY
 #: ``1`` keeps a stage's checkpoints after it succeeds (default: they are deleted).
 KEEP_ENV = "DFKA_KEEP_CHECKPOINTS"
 _NAME = re.compile(r"^ckpt-(\d{6,})/(checkpoint\.json|state\.safetensors)$")
@@ -251,7 +253,7 @@ class Checkpoints:
             }
             storage.put_bytes(json.dumps(manifest, indent=1).encode(), storage.join(prefix, MANIFEST))
         except StorageError as err:
-            raise self._store_failed(err) from None
+            raise self.store_failed(err, "write a checkpoint") from None
         self.saved += 1
         self.last, self._last_uri = position, prefix
         log.info(
@@ -262,7 +264,8 @@ class Checkpoints:
         self._prune(existing, number)
         return prefix
 
-    def _store_failed(self, err: StorageError) -> StorageError:
+    def store_failed(self, err: StorageError, what: str) -> StorageError:
+        """``err`` restated for the user: what failed, and which checkpoint a restart resumes from."""
         good = self.last or self.resumed_from
         where = self._last_uri or self.uri
         kept = (
@@ -272,7 +275,7 @@ class Checkpoints:
             else "; no checkpoint of this attempt was written yet"
         )
         return StorageError(
-            f"{self.stage}: could not write a checkpoint: {err.problem}{kept}",
+            f"{self.stage}: could not {what}: {err.problem}{kept}",
             f"{err.fix}. Then restart the stage (a KFP retry, or a rerun with the same run id): "
             "it resumes from the last good checkpoint",
         )
@@ -321,6 +324,14 @@ class Checkpoints:
             log.warning("%s: %s; skipped", self.stage, err.problem)
             return None
         self._check_identity(manifest, prefix)
+        if manifest.get("inputs") != self.inputs:
+            # same config, other inputs: an upstream stage ran again (e.g. on a time budget) under this
+            # run id. That progress was made on other data; it cannot be resumed, and it is not an error.
+            log.warning(
+                "%s: checkpoint %s was trained on other inputs (%s, now %s); starting afresh",
+                self.stage, prefix, manifest.get("inputs"), self.inputs,
+            )  # fmt: skip
+            return None
         with tempfile.TemporaryDirectory(prefix="dfka-ckpt-") as tmp:
             path = Path(tmp) / TENSORS
             try:
@@ -355,12 +366,6 @@ class Checkpoints:
             raise CheckpointError(
                 f"the checkpoint at {prefix} was written for config {manifest.get('config_hash')}, "
                 f"but this {self.stage} stage runs config {self.config_hash}; refusing to resume from it",
-                fix,
-            )
-        if manifest.get("inputs") != self.inputs:
-            raise CheckpointError(
-                f"the checkpoint at {prefix} was trained on other inputs ({manifest.get('inputs')}) "
-                f"than this {self.stage} stage gets ({self.inputs}); refusing to resume from it",
                 fix,
             )
 

@@ -18,6 +18,7 @@ Pure data and plain Python: no kfp import (``pipelines/`` turns this into KFP ca
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -49,6 +50,9 @@ STAGES = (
     "regroup-target-net",
     "evaluate",
 )
+#: Steps between the training stages' checkpoints (``dfka.checkpoint``; the pipeline sets the variable).
+CHECKPOINT_EVERY_ENV = "DFKA_CHECKPOINT_EVERY"
+DEFAULT_CHECKPOINT_EVERY = 500
 GPU_STAGES = ("train-amalgamating-gan", "train-dual-generator-blocks", "regroup-target-net")
 CPU_STAGES = tuple(s for s in STAGES if s not in GPU_STAGES)
 
@@ -101,6 +105,12 @@ class PipelineSettings(_Strict):
         ge=1,
         description="OMP_NUM_THREADS of the local stage processes; default: the environment's, else 2",
     )
+    checkpoint_every: int = Field(
+        DEFAULT_CHECKPOINT_EVERY,
+        ge=0,
+        description="steps between checkpoints of the GAN and block-training stages (0: only at the end "
+        f"of each block); set as {CHECKPOINT_EVERY_ENV} on the training stages",
+    )
 
     @field_validator("pipeline_root")
     @classmethod
@@ -120,9 +130,22 @@ class ExperimentConfig(_Strict):
     amalgamation: AmalgamationConfig = AmalgamationConfig()
     pipeline: PipelineSettings = PipelineSettings()
 
+    @field_validator("target_labels")
+    @classmethod
+    def _not_empty(cls, v: str | list[str] | None) -> str | list[str] | None:
+        if v is not None and not _as_list(v):
+            raise ValueError(
+                "the target label set is empty; omit target_labels to use the union of the teachers' labels"
+            )
+        return v
+
     @model_validator(mode="after")
     def _one_label_set(self) -> ExperimentConfig:
         inner = self.amalgamation.target_labels
+        if inner is not None and not inner:
+            raise ValueError(
+                "amalgamation.target_labels is empty; omit it to use the union of the teachers' labels"
+            )
         if (
             inner is not None
             and self.target_labels is not None
@@ -245,10 +268,18 @@ def resolve_target_labels(spec: str | Sequence[str] | None, available: Sequence[
         elif token.lower() in by_lower:
             out.append(by_lower[token.lower()])
         else:
+            close = difflib.get_close_matches(token.lower(), list(by_lower), n=1, cutoff=0.6)
+            hint = f"did you mean {by_lower[close[0]]}? " if close else ""
             raise LabelError(
                 f"target label {token!r} is not a label of any teacher",
-                f"choose from the teachers' labels: {', '.join(available)}",
+                f"{hint}choose from the teachers' labels: {', '.join(available)}",
             )
+    dupes = [label for label in dict.fromkeys(out) if out.count(label) > 1]
+    if dupes:
+        raise LabelError(
+            f"target labels {', '.join(tokens)!r} name {', '.join(dupes)} more than once",
+            "list each label once (check overlapping ranges and differently-cased names)",
+        )
     return out
 
 

@@ -47,11 +47,16 @@ def run_module(module: str, args: Sequence[str], *, root: Path | None = None) ->
 
 
 def run_local(
-    config_path: str | os.PathLike[str], *, local_root: str | None = None, verbose: bool = False
+    config_path: str | os.PathLike[str],
+    *,
+    local_root: str | None = None,
+    verbose: bool = False,
+    run_id: str | None = None,
 ) -> dict[str, Any]:
     """Run the whole pipeline locally (kfp.local, local stack); return the summary the run printed:
     ``run_id``, ``seconds``, ``stages`` (wall-clock per stage), ``metrics``, ``results``, ``markdown``,
-    ``mlflow`` (parent run link), ``bucket`` and ``registered_model``."""
+    ``mlflow`` (parent run link), ``bucket`` and ``registered_model``. ``run_id`` reruns an earlier run:
+    a training stage that was cut off resumes from its last checkpoint."""
     config = Path(config_path).absolute()
     if not config.is_file():
         raise ConfigError(
@@ -64,6 +69,8 @@ def run_local(
             args += ["--local-root", str(Path(local_root).absolute())]
         if verbose:
             args.append("--verbose")
+        if run_id:
+            args += ["--run-id", run_id]
         code = run_module("run_local", args)
         if code != 0 or not out.is_file():
             raise DfkaError(f"the local pipeline run failed (exit code {code})", "see the stage logs above")

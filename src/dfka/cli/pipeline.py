@@ -20,6 +20,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--local-root", help="kfp.local output folder (default $DFKA_HOME/pipeline-runs)")
     run.add_argument("--results-json", help="also write the run summary (JSON) here")
     run.add_argument("--verbose", action="store_true", help="stream the stage logs (default: to a log file)")
+    run.add_argument(
+        "--run-id", help="rerun with this run id: a stage that was cut off resumes from its last checkpoint"
+    )
     run.set_defaults(func=_run)
 
     comp = cmds.add_parser(
@@ -56,6 +59,8 @@ def _run(args: argparse.Namespace) -> int:
         opts += ["--results-json", str(Path(args.results_json).absolute())]
     if args.verbose:
         opts.append("--verbose")
+    if args.run_id:
+        opts += ["--run-id", args.run_id]
     return run_module("run_local", opts)
 
 

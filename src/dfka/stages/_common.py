@@ -19,6 +19,7 @@ from dfka.amalgamation.run import StageReport, teacher_set_from_bundles
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule
 from dfka.bundles import TeacherBundle, load_bundle
+from dfka.checkpoint import Checkpoints
 from dfka.errors import BundleError
 from dfka.runtime import pick_device, set_threads
 from dfka.stages.context import TAG_OUTPUTS, NullTracker, RunContext
@@ -30,8 +31,9 @@ TEACHER_SET_FILE = "teacher_set.json"
 TEACHER_SET_FORMAT = "dfka.teacher_set/v1"
 LOCATION_FILE = "location.json"
 RESULT_FILE = "result.json"
+CHECKPOINTS = "checkpoints"
 #: Sub-folders a stage keeps in its KFP artifact but does not copy to runs/<run-id>/ (large, intermediate).
-UNPUBLISHED = ("trajectory/",)
+UNPUBLISHED = ("trajectory/", f"{CHECKPOINTS}/")
 #: Result keys left out of result.json (large, and written as files of their own).
 NOT_RECORDED = ("html",)
 
@@ -122,6 +124,8 @@ def finish(
     result["process_seconds"] = process_age()
     result["run_id"] = ctx.run_id if ctx else None
     result["mlflow_run_id"] = tracker.run_id
+    offline = getattr(tracker, "offline_path", None)
+    result["tracking_offline"] = str(offline) if offline else None
     published = ctx.publish_uri(stage) if ctx else None
     result["published"] = published
     record = {k: v for k, v in result.items() if k not in NOT_RECORDED}
@@ -133,7 +137,29 @@ def finish(
     if ctx is not None and (parent := ctx.parent()) is not None:
         parent.log_metrics({f"time.{stage}.seconds": result["seconds"]})
     log.info("%s finished in %.1f s%s", stage, result["seconds"], f" -> {published}" if published else "")
+    if offline:
+        log.warning(
+            "%s: MLflow was unreachable; this stage's params and metrics are kept in %s. "
+            "Upload them with `dfka tracking sync` once the server is back.",
+            stage,
+            offline,
+        )
     return result
+
+
+def stage_checkpoints(
+    stage: str,
+    out: str,
+    ctx: RunContext | None,
+    ts: TeacherSetArtifact,
+    inputs: dict[str, Any] | None = None,
+) -> Checkpoints:
+    """Where a training stage checkpoints: ``s3://<bucket>/runs/<run-id>/<stage>/checkpoints`` when the
+    run publishes to an object store (a KFP retry or a rerun with the same run id finds it there), else
+    ``<out>/checkpoints``. The interval is ``DFKA_CHECKPOINT_EVERY`` (the pipeline sets it)."""
+    published = ctx.publish_uri(stage) if ctx else None
+    uri = storage.join(published or out, CHECKPOINTS)
+    return Checkpoints(uri, stage=stage, config_hash=ts.config_hash, inputs=inputs)
 
 
 def process_age() -> float | None:

@@ -7,6 +7,7 @@ result dict. ``dfka.amalgamation.run.amalgamate`` is the same chain in one proce
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -20,16 +21,27 @@ from dfka import storage
 from dfka.amalgamation.artifacts import load_dual, load_gan, save_dual, save_gan
 from dfka.amalgamation.regroup import TargetNet, save_targetnet
 from dfka.amalgamation.routing import calibrate_routing
-from dfka.amalgamation.run import build_student, regroup, sample_bank, train_blocks, train_gan
+from dfka.amalgamation.run import (
+    StageReport,
+    build_student,
+    regroup,
+    sample_bank,
+    train_blocks,
+    train_gan,
+)
 from dfka.amalgamation.samples import (
     SAMPLES_MANIFEST,
+    SampleBank,
     Sampler,
     export_bank,
     iter_shards,
     read_bank,
     read_manifest,
 )
+from dfka.amalgamation.stage1 import AmalgamatingGAN
+from dfka.checkpoint import Checkpoints
 from dfka.data import data_free
+from dfka.errors import StorageError
 from dfka.models import count_flops, count_params
 from dfka.stages import report as reports
 from dfka.stages._common import (
@@ -40,6 +52,7 @@ from dfka.stages._common import (
     report_metrics,
     samples_location,
     scratch,
+    stage_checkpoints,
     write_location,
 )
 from dfka.stages.context import RunContext
@@ -96,12 +109,15 @@ def train_amalgamating_gan(
 
     Writes ``gan.safetensors``/``gan.json`` and, when ``export.source`` is ``trajectory``, the samples
     kept along the way under ``trajectory/`` (the export stage tops them up), plus a sample grid.
+    Checkpoints every ``DFKA_CHECKPOINT_EVERY`` steps and at the end (see :func:`stage_checkpoints`); a
+    restarted stage resumes from the last one.
     """
     started = time.perf_counter()
     ctx = _ctx(context)
     ensure_dir(out)
     ts = load_teacher_set(teacher_set)
     cfg = ts.cfg
+    checkpoints = stage_checkpoints(GAN_STAGE, out, context, ts)
     with (
         ctx.stage_run(GAN_STAGE, ts.params, ts.config_hash) as tracker,
         data_free("stage 1: amalgamating GAN"),
@@ -115,22 +131,49 @@ def train_amalgamating_gan(
             on_metrics=tracker,
             progress=ctx.progress,
             student=proxy,
+            checkpoints=checkpoints,
         )
-        save_gan(gan, out, extra={"report": stage.as_dict()})
-        kept = 0
-        if trajectory is not None:
-            export_bank(
-                trajectory, storage.join(out, TRAJECTORY), shard_size=cfg.export.shard_size, progress=False
-            )
-            kept = len(trajectory)
-        batch = Sampler(gan, seed=cfg.seed + 7, batch_size=256, device=ts.device).sample(256)
-        grid = _grid(ts, batch.image.cpu(), batch.logits, out)
-        metrics = {**report_metrics("stage", stage), "trajectory_samples": float(kept)}
-        metrics.update({k: v for k, v in stage.extra.items() if isinstance(v, int | float)})
-        tracker.log_metrics(metrics)
-        _log_grid(tracker, grid)
-        result = {"outputs": {"gan": out}, "metrics": metrics, "report": stage.as_dict()}
-        return finish(GAN_STAGE, out, context, tracker, result, started)
+        try:
+            result = _finish_gan(ts, gan, trajectory, stage, out, context, tracker, checkpoints, started)
+        except StorageError as err:
+            raise checkpoints.store_failed(err, "write its outputs") from None
+        checkpoints.clear()
+        return result
+
+
+def _finish_gan(
+    ts: TeacherSetArtifact,
+    gan: AmalgamatingGAN,
+    trajectory: SampleBank | None,
+    stage: StageReport,
+    out: str,
+    context: RunContext | None,
+    tracker: Any,
+    checkpoints: Checkpoints,
+    started: float,
+) -> dict[str, Any]:
+    """Stage 1's outputs: generator, trajectory samples, sample grid, metrics, result."""
+    cfg = ts.cfg
+    save_gan(gan, out, extra={"report": stage.as_dict()})
+    kept = 0
+    if trajectory is not None:
+        export_bank(
+            trajectory, storage.join(out, TRAJECTORY), shard_size=cfg.export.shard_size, progress=False
+        )
+        kept = len(trajectory)
+    batch = Sampler(gan, seed=cfg.seed + 7, batch_size=256, device=ts.device).sample(256)
+    grid = _grid(ts, batch.image.cpu(), batch.logits, out)
+    metrics = {**report_metrics("stage", stage), "trajectory_samples": float(kept)}
+    metrics.update({k: v for k, v in stage.extra.items() if isinstance(v, int | float)})
+    tracker.log_metrics(metrics)
+    _log_grid(tracker, grid)
+    result = {
+        "outputs": {"gan": out},
+        "metrics": metrics,
+        "report": stage.as_dict(),
+        "checkpoints": checkpoints.summary(),
+    }
+    return finish(GAN_STAGE, out, context, tracker, result, started)
 
 
 # ---------------------------------------------------------------- export
@@ -239,6 +282,7 @@ def train_dual_generator_blocks(
     ):
         extra = _restore_routing(ts, where)
         bank = read_bank(where)
+        checkpoints = stage_checkpoints(BLOCKS_STAGE, out, context, ts, inputs=_samples_identity(where))
         channels = {int(k): int(v) for k, v in extra["generator_channels"].items()}
         dual, stage = train_blocks(
             ts.teachers,
@@ -249,13 +293,31 @@ def train_dual_generator_blocks(
             device=ts.device,
             on_metrics=tracker,
             progress=ctx.progress,
+            checkpoints=checkpoints,
         )
-        save_dual(dual, out, channels, extra={"report": stage.as_dict(), "samples": where})
-        metrics = report_metrics("stage", stage)
-        metrics.update({k: float(v) for k, v in stage.extra.items() if isinstance(v, int | float)})
-        tracker.log_metrics(metrics)
-        result = {"outputs": {"dual": out}, "metrics": metrics, "report": stage.as_dict()}
-        return finish(BLOCKS_STAGE, out, context, tracker, result, started)
+        try:
+            save_dual(dual, out, channels, extra={"report": stage.as_dict(), "samples": where})
+            metrics = report_metrics("stage", stage)
+            metrics.update({k: float(v) for k, v in stage.extra.items() if isinstance(v, int | float)})
+            tracker.log_metrics(metrics)
+            result = {
+                "outputs": {"dual": out},
+                "metrics": metrics,
+                "report": stage.as_dict(),
+                "checkpoints": checkpoints.summary(),
+            }
+            result = finish(BLOCKS_STAGE, out, context, tracker, result, started)
+        except StorageError as err:
+            raise checkpoints.store_failed(err, "write its outputs") from None
+        checkpoints.clear()
+        return result
+
+
+def _samples_identity(where: str) -> dict[str, Any]:
+    """What stage 2 trains on, for its checkpoints: the export's sample count and shard checksums."""
+    manifest = read_manifest(where)
+    digest = hashlib.sha256("".join(str(s["sha256"]) for s in manifest.shards).encode()).hexdigest()
+    return {"samples": manifest.count, "shards_sha256": digest[:16]}
 
 
 # ---------------------------------------------------------------- stage 3
@@ -284,7 +346,7 @@ def regroup_target_net(
     where = samples_location(samples)
     with ctx.stage_run(REGROUP_STAGE, ts.params, ts.config_hash) as tracker, data_free("stage 3: regroup"):
         _restore_routing(ts, where)
-        model, _meta = load_dual(dual, ts.teachers)
+        model, meta = load_dual(dual, ts.teachers)
         model = model.to(ts.device)
         if cfg.regroup.finetune is not None:
             bank = read_bank(where)
@@ -292,35 +354,68 @@ def regroup_target_net(
         else:
             bank = None  # only the fine-tune reads the bank
             example = next(iter_shards(where))["image"][:8].float()
+        inputs = {**_samples_identity(where), "dual_sha256": str(meta.get("sha256", ""))[:16]}
+        checkpoints = stage_checkpoints(REGROUP_STAGE, out, context, ts, inputs=inputs)
         net, stage = regroup(
-            model, ts.union, bank, cfg, device=ts.device, on_metrics=tracker, progress=ctx.progress
-        )  # type: ignore[arg-type]
-        net = net.cpu().eval()
-        size = {
-            "student.params": float(count_params(net)),
-            "student.flops": float(count_flops(net, net.input_shape)),
-        }
-        provenance = {
-            "run_id": ctx.run_id if context else None,
-            "git_commit": ctx.git_commit,
-            "config_hash": ts.config_hash,
-            "teachers": ts.doc["config"]["teachers"],
-            "samples": where,
-        }
-        manifest = save_targetnet(net, out, metrics=size, provenance=provenance)
-        metrics = {**report_metrics("stage", stage), **size}
-        tracker.log_metrics(metrics)
-        tracker.log_dict(json.loads(manifest.model_dump_json()), "targetnet/targetnet.json")
-        name = registered_model_name or model_name(ctx.experiment)
-        registered = _log_mlflow_model(net, example, tracker, ctx, name)
-        result = {
-            "outputs": {"target_net": out},
-            "metrics": metrics,
-            "report": stage.as_dict(),
-            "labels": list(net.label_names),
-            "registered_model": registered,
-        }
-        return finish(REGROUP_STAGE, out, context, tracker, result, started)
+            model,
+            ts.union,
+            bank,  # type: ignore[arg-type]
+            cfg,
+            device=ts.device,
+            on_metrics=tracker,
+            progress=ctx.progress,
+            checkpoints=checkpoints,
+        )
+        try:
+            result = _finish_regroup(
+                ts, net, stage, example, where, out, ctx, context, tracker, registered_model_name
+            )
+            result["checkpoints"] = checkpoints.summary()
+            result = finish(REGROUP_STAGE, out, context, tracker, result, started)
+        except StorageError as err:
+            raise checkpoints.store_failed(err, "write its outputs") from None
+        checkpoints.clear()
+        return result
+
+
+def _finish_regroup(
+    ts: TeacherSetArtifact,
+    net: TargetNet,
+    stage: StageReport,
+    example: torch.Tensor,
+    where: str,
+    out: str,
+    ctx: RunContext,
+    context: RunContext | None,
+    tracker: Any,
+    registered_model_name: str | None,
+) -> dict[str, Any]:
+    """Stage 3's outputs: TargetNet weights, TorchScript and manifest, the MLflow model; the result."""
+    net = net.cpu().eval()
+    size = {
+        "student.params": float(count_params(net)),
+        "student.flops": float(count_flops(net, net.input_shape)),
+    }
+    provenance = {
+        "run_id": ctx.run_id if context else None,
+        "git_commit": ctx.git_commit,
+        "config_hash": ts.config_hash,
+        "teachers": ts.doc["config"]["teachers"],
+        "samples": where,
+    }
+    manifest = save_targetnet(net, out, metrics=size, provenance=provenance)
+    metrics = {**report_metrics("stage", stage), **size}
+    tracker.log_metrics(metrics)
+    tracker.log_dict(json.loads(manifest.model_dump_json()), "targetnet/targetnet.json")
+    name = registered_model_name or model_name(ctx.experiment)
+    registered = _log_mlflow_model(net, example, tracker, ctx, name)
+    return {
+        "outputs": {"target_net": out},
+        "metrics": metrics,
+        "report": stage.as_dict(),
+        "labels": list(net.label_names),
+        "registered_model": registered,
+    }
 
 
 def model_name(experiment: str) -> str:
