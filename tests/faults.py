@@ -45,12 +45,19 @@ class ToyRun:
 
 
 def toy_run(root: Path, method: dict[str, Any] | None = None) -> ToyRun:
+    """The uninterrupted reference, at the stage processes' one thread: GEMM reductions split by thread
+    count, so bit-for-bit comparisons need the same count on both sides."""
     ts = str(root / "ts")
-    stages.ingest_teachers(toy_bundles(root), ts, amalgamation=method or METHOD)
-    gan, export, dual = (str(root / n) for n in ("ref-gan", "ref-export", "ref-dual"))
-    stages.train_amalgamating_gan(ts, gan)
-    stages.export_synthetic_samples(ts, gan, export)
-    stages.train_dual_generator_blocks(ts, export, dual)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        stages.ingest_teachers(toy_bundles(root), ts, amalgamation=method or METHOD)
+        gan, export, dual = (str(root / n) for n in ("ref-gan", "ref-export", "ref-dual"))
+        stages.train_amalgamating_gan(ts, gan)
+        stages.export_synthetic_samples(ts, gan, export)
+        stages.train_dual_generator_blocks(ts, export, dual)
+    finally:
+        torch.set_num_threads(threads)
     return ToyRun(ts, gan, export, dual)
 
 

@@ -76,7 +76,7 @@ def test_shipped_benchmarks_validate() -> None:
     assert len(load_benchmark("cross-domain").label_set()) == 20
     assert load_benchmark("cross-domain").dataset == "mnist+fashion"
     cfg = load_benchmark("digits").amalgamation_config(seed=2, threads=1)
-    assert cfg.seed == 2 and cfg.gan.budget.seconds == pytest.approx(0.4 * 5 * 60)
+    assert cfg.seed == 2 and cfg.gan.budget.seconds == pytest.approx(0.4 * 10 * 60)
 
 
 @pytest.mark.parametrize(

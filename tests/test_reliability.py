@@ -12,6 +12,7 @@ import re
 import shutil
 import sqlite3
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -21,7 +22,6 @@ from dfka.cli import main as cli
 from dfka.stack import StackPorts, credentials, stack_down, stack_up
 from tests import faults
 
-pytestmark = pytest.mark.integration
 STAGE = "train-amalgamating-gan"
 
 
@@ -49,7 +49,7 @@ def private_store(stack_env, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
 def _copy_mlflow_db(src: Path, dest: Path) -> None:
     """A consistent copy (sqlite backup API) of a stack's MLflow database and its migration marker."""
     dest.mkdir(parents=True, exist_ok=True)
-    with sqlite3.connect(src / "mlflow.db") as a, sqlite3.connect(dest / "mlflow.db") as b:
+    with closing(sqlite3.connect(src / "mlflow.db")) as a, closing(sqlite3.connect(dest / "mlflow.db")) as b:
         a.backup(b)
     shutil.copy(src / "mlflow.db.version", dest / "mlflow.db.version")
 
@@ -60,6 +60,7 @@ def _last_good(text: str) -> tuple[int, str]:
     return int(m.group(1)), m.group(2)
 
 
+@pytest.mark.integration
 def test_store_outage_one_stage_rides_it_out_the_other_fails_and_resumes(
     private_store, reference, tmp_path: Path
 ) -> None:
@@ -140,6 +141,7 @@ def test_store_outage_one_stage_rides_it_out_the_other_fails_and_resumes(
     faults.assert_same_tensors(r["out"] / "gan.safetensors", Path(reference.gan) / "gan.safetensors")
 
 
+@pytest.mark.integration
 def test_mlflow_down_mid_stage_keeps_the_metrics_and_syncs_them(
     stack_env, reference, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
 ) -> None:
@@ -201,3 +203,15 @@ def test_mlflow_down_mid_stage_keeps_the_metrics_and_syncs_them(
         assert not offline.exists()  # moved to synced/
     finally:
         stack_down(home)
+
+
+@pytest.mark.parametrize("offline", [None, "/home/u/.dfka/offline-runs/dfka/20261122-1.jsonl"])
+def test_closing_report_names_the_offline_files(offline: str | None) -> None:
+    from pipelines.run_local import render
+
+    stage = {"seconds": 1.0, "process_seconds": 2.0, "loop_seconds": 0.5, "tracking_offline": offline}
+    summary = {"stages": {STAGE: stage}, "seconds": 3.0, "bucket": "s3://dfka/runs/r/"}
+    text = render(summary)
+    assert ("metrics are kept in" in text) == bool(offline)
+    if offline:
+        assert offline in text and "dfka tracking sync" in text

@@ -30,7 +30,10 @@ from tests.toys import toy_teacher
 
 @pytest.fixture(scope="module")
 def setup():
-    pair = [toy_teacher([0, 1, 2, 3], name="a", seed=1, steps=5), toy_teacher([4, 5, 6, 7], name="b", seed=2, steps=5)]
+    pair = [
+        toy_teacher([0, 1, 2, 3], name="a", seed=1, steps=5),
+        toy_teacher([4, 5, 6, 7], name="b", seed=2, steps=5),
+    ]
     teachers = teacher_set_from_bundles(pair, None)
     union = UnionRule(teachers)
     gan = AmalgamatingGAN(teachers, union, GanConfig(widths=8, batch_size=8))
@@ -63,12 +66,12 @@ def test_partial_export_is_invisible_and_corruption_detected(setup, tmp_path: Pa
     data = bytearray(shard.read_bytes())
     data[-3] ^= 0x55
     shard.write_bytes(bytes(data))
-    with pytest.raises(StorageError, match="shard-00001.*corrupted"):
+    with pytest.raises(StorageError, match=r"shard-00001.*corrupted"):
         list(iter_shards(str(out)))
 
 
 def test_trajectory_reservoir_is_uniform_and_bounded(setup) -> None:
-    teachers, _, _ = setup
+    _teachers, _, _ = setup
     collector = TrajectoryCollector(capacity=50, start=0.5, seed=0)
     for step in range(100):
         n = 4
@@ -94,13 +97,18 @@ def test_gan_and_dual_artifacts_round_trip(setup, tmp_path: Path) -> None:
     back = load_gan(str(tmp_path / "gan"), teachers, union)
     z = torch.randn(4, gan.cfg.latent_dim)
     gan.generator.eval()
-    assert torch.equal(back.generator(z)[-1], gan.generator(z)[-1])
+    saved, loaded = gan.state_dict(), back.state_dict()
+    assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)
+    # outputs agree up to float rounding (a generator that has sampled runs the fast path's kernels)
+    torch.testing.assert_close(back.generator(z)[-1], gan.generator(z)[-1], rtol=1e-5, atol=1e-6)
     channels = {lvl: s[0] for lvl, s in enumerate(gan.generator_level_shapes())}
     dual = DualGenerator(build_student("lenet5:0.5", teachers), teachers, channels).eval()
     save_dual(dual, str(tmp_path / "dual"), channels)
     dual2, meta = load_dual(str(tmp_path / "dual"), teachers)
     x = torch.rand(3, 1, 12, 12)
-    assert torch.equal(dual2.branch_scores(dual2.student.run_blocks(x)), dual.branch_scores(dual.student.run_blocks(x)))
+    assert torch.equal(
+        dual2.branch_scores(dual2.student.run_blocks(x)), dual.branch_scores(dual.student.run_blocks(x))
+    )
     assert meta["student"]["arch"] == "lenet5"
     # a tampered artifact is refused
     manifest = tmp_path / "gan" / "gan.json"

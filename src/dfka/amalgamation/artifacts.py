@@ -41,13 +41,17 @@ def load_tensors(uri: str, name: str) -> tuple[dict[str, torch.Tensor], dict[str
 
     manifest_key = storage.join(uri, f"{name}.json")
     if not storage.exists(manifest_key):
-        raise BundleError(f"{manifest_key} does not exist", f"point at the output folder of the stage that writes {name}")
+        raise BundleError(
+            f"{manifest_key} does not exist", f"point at the output folder of the stage that writes {name}"
+        )
     meta = json.loads(storage.get_bytes(manifest_key))
     with tempfile.TemporaryDirectory(prefix="dfka-artifact-") as tmp:
         weights = Path(tmp) / f"{name}.safetensors"
         storage.get_file(storage.join(uri, weights.name), weights)
         if sha256_file(weights) != meta.get("sha256"):
-            raise BundleError(f"{uri}/{weights.name} does not match its manifest's sha256", "re-run the stage")
+            raise BundleError(
+                f"{uri}/{weights.name} does not match its manifest's sha256", "re-run the stage"
+            )
         return load_file(str(weights)), meta
 
 
@@ -72,12 +76,18 @@ def load_gan(uri: str, teachers: TeacherSet, union: UnionRule) -> AmalgamatingGA
             "use the GAN stage output of the same run",
         )
     gan = AmalgamatingGAN(teachers, union, GanConfig.model_validate(meta["gan"]))
-    gan.generator.load_state_dict({k.removeprefix("generator."): v for k, v in state.items() if k.startswith("generator.")})
-    gan.filters.load_state_dict({k.removeprefix("filters."): v for k, v in state.items() if k.startswith("filters.")})
+    gan.generator.load_state_dict(
+        {k.removeprefix("generator."): v for k, v in state.items() if k.startswith("generator.")}
+    )
+    gan.filters.load_state_dict(
+        {k.removeprefix("filters."): v for k, v in state.items() if k.startswith("filters.")}
+    )
     return gan.eval()
 
 
-def save_dual(dual: DualGenerator, out: str, generator_channels: dict[int, int], extra: dict[str, Any] | None = None) -> None:
+def save_dual(
+    dual: DualGenerator, out: str, generator_channels: dict[int, int], extra: dict[str, Any] | None = None
+) -> None:
     state = {k: v for k, v in dual.state_dict().items() if not k.startswith("teachers.")}
     student = dual.student
     meta = {
@@ -102,5 +112,7 @@ def load_dual(uri: str, teachers: TeacherSet) -> tuple[DualGenerator, dict[str, 
     dual = DualGenerator(student, teachers, {int(k): v for k, v in meta["generator_channels"].items()})
     missing, unexpected = dual.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("teachers.") for k in missing):
-        raise BundleError(f"{uri}: dual generator weights do not match its manifest", "re-run the block-training stage")
+        raise BundleError(
+            f"{uri}: dual generator weights do not match its manifest", "re-run the block-training stage"
+        )
     return dual.eval(), meta

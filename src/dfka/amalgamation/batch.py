@@ -13,6 +13,7 @@ class SampleBatch:
     image: torch.Tensor
     features: dict[int, torch.Tensor]  # teacher level -> generated feature
     logits: dict[str, torch.Tensor]  # teacher name -> logits on the image
+    index: torch.Tensor | None = None  # positions in the sample bank, when drawn from one
 
     def __len__(self) -> int:
         return self.image.shape[0]
@@ -23,6 +24,7 @@ class SampleBatch:
             self.image.to(device, dtype),
             {k: v.to(device, dtype) for k, v in self.features.items()},
             {k: v.to(device, torch.float32) for k, v in self.logits.items()},
+            self.index,
         )
 
     def detached(self) -> SampleBatch:
@@ -31,4 +33,5 @@ class SampleBatch:
             self.image.detach(),
             {k: v.detach() for k, v in self.features.items()},
             {k: v.detach() for k, v in self.logits.items()},
+            self.index,
         )

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfka.amalgamation import fast
+
 EPSILON = 0.5  # pseudo-label threshold ε of Eq. 5
 
 
@@ -76,27 +78,35 @@ class BNStatsRecorder:
         self.active = False
         self.terms: list[torch.Tensor] = []
         self._handles = []
+        # fast path: one-pass backward for the moments; BNs folded into their conv (fast.compute_copy)
+        # report their input's statistics from the folded output
+        self._fast = fast.enabled()
         for module in modules:
             for m in module.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                if isinstance(m, fast.FoldedBatchNorm) or (
+                    isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+                ):
                     self._handles.append(m.register_forward_hook(self._hook))
 
     @property
     def num_layers(self) -> int:
         return len(self._handles)
 
-    def _hook(
-        self, module: nn.modules.batchnorm._BatchNorm, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor
-    ):
+    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor):
         if not self.active:
             return
         x = inputs[0]
-        # per-channel sums over H,W first, then over the batch: about 2x faster than var_mean over
-        # (0, 2, 3) on CPU, forward and backward (E[x²] - E[x]² is fine at BN-input magnitudes)
-        spatial = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)
-        n = spatial.shape[0] * spatial.shape[2]
-        mean = spatial.sum(2).sum(0) / n
-        var = ((spatial * spatial).sum(2).sum(0) / n - mean * mean).clamp_min(0)
+        if isinstance(module, fast.FoldedBatchNorm):
+            mean, var = module.input_moments(x)
+        elif self._fast:
+            mean, var = fast.batch_moments(x)
+        else:
+            # per-channel sums over H,W first, then over the batch: about 2x faster than var_mean over
+            # (0, 2, 3) on CPU, forward and backward (E[x²] - E[x]² is fine at BN-input magnitudes)
+            spatial = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)
+            n = spatial.shape[0] * spatial.shape[2]
+            mean = spatial.sum(2).sum(0) / n
+            var = ((spatial * spatial).sum(2).sum(0) / n - mean * mean).clamp_min(0)
         self.terms.append(
             torch.linalg.vector_norm(mean - module.running_mean)
             + torch.linalg.vector_norm(var - module.running_var)

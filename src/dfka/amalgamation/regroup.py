@@ -25,6 +25,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dfka import __version__
+from dfka.amalgamation import fast
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.config import RegroupConfig
 from dfka.amalgamation.engine import cosine_lr, set_lr
@@ -198,11 +199,12 @@ class FinetuneTrainer:
         batches: Iterator[SampleBatch],
         device: torch.device,
     ):
-        self.net = net.to(device)
+        self.net = fast.accelerate(net.to(device), device)
+        self.device = device
         self.union = union
         self.cfg = cfg
         self.batches = batches
-        self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, **fast.adam_options(device))
 
     def step(self, step: int, total: int) -> dict[str, torch.Tensor]:
         self.net.train()
@@ -210,7 +212,9 @@ class FinetuneTrainer:
         batch = next(self.batches)
         with torch.no_grad():
             target = self.union(batch.logits)
-        loss = union_loss(self.net(batch.image), target, self.union.multiclass_mask, self.cfg.temperature)
+        with fast.autocast(self.device):
+            scores = self.net(batch.image)
+        loss = union_loss(scores.float(), target, self.union.multiclass_mask, self.cfg.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

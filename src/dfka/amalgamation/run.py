@@ -108,7 +108,9 @@ def train_gan(
         collector = None
         if cfg.export.source == "trajectory":
             dtype = torch.float16 if cfg.export.dtype == "float16" else torch.float32
-            collector = TrajectoryCollector(cfg.export.samples, cfg.export.start, seed=cfg.seed + 1, dtype=dtype)
+            collector = TrajectoryCollector(
+                cfg.export.samples, cfg.export.start, seed=cfg.seed + 1, dtype=dtype
+            )
             trainer.collector = collector
         state = {"trainer": trainer, **({"collector": collector} if collector is not None else {})}
         at = checkpoints.restore(state) if checkpoints is not None else None
@@ -127,7 +129,9 @@ def train_gan(
         )
         if checkpoints is not None and not (at and at.done and at.step == result.steps):
             checkpoints.save(state, Position("gan", result.steps, done=True, seconds=result.seconds))
-    report = StageReport(result.seconds, result.steps, result.steps * cfg.gan.batch_size, dict(result.metrics))
+    report = StageReport(
+        result.seconds, result.steps, result.steps * cfg.gan.batch_size, dict(result.metrics)
+    )
     return gan, (collector.bank() if collector is not None and collector.seen else None), report
 
 

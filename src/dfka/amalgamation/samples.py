@@ -27,11 +27,12 @@ from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from dfka.amalgamation import fast
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.stage1 import AmalgamatingGAN
 from dfka.bundles import sha256_file
-from dfka.models import frozen_bn_stats
 from dfka.errors import ConfigError, StorageError
+from dfka.models import frozen_bn_stats
 
 SAMPLES_MANIFEST = "samples.json"
 SAMPLES_FORMAT = "dfka.samples/v1"
@@ -51,6 +52,9 @@ class Sampler:
         self.batch_size = batch_size
         self.device = device or torch.device("cpu")
         self.rng = torch.Generator().manual_seed(seed)
+        # the compute path stage 1 trained on (idempotent): a GAN loaded from its artifact then samples
+        # exactly like the one still in memory
+        fast.accelerate(gan.generator, self.device)
 
     @torch.no_grad()
     def sample(self, n: int | None = None) -> SampleBatch:
@@ -64,7 +68,7 @@ class Sampler:
         gen.train(was_training)
         image = feats[-1]
         levels = {gen.level_of_group(j): feats[j - 1] for j in range(1, gen.num_groups)}
-        logits = {name: model(image) for name, model in self.gan.teachers}
+        logits = {name: model(image) for name, model in self.gan.compute.items()}
         return SampleBatch(z, image, levels, logits)
 
     def __iter__(self) -> Iterator[SampleBatch]:
@@ -107,7 +111,9 @@ class SampleBank:
         first = banks[0]
         if len(banks) == 1:
             return first
-        tensors = {k: torch.cat([b.tensors[k].to(first.tensors[k].dtype) for b in banks]) for k in first.tensors}
+        tensors = {
+            k: torch.cat([b.tensors[k].to(first.tensors[k].dtype) for b in banks]) for k in first.tensors
+        }
         return cls(tensors, first.teacher_names, first.levels)
 
     def batch(self, index: torch.Tensor, device: torch.device | None = None) -> SampleBatch:
@@ -117,6 +123,7 @@ class SampleBank:
             t["image"],
             {lvl: t[f"feat.{lvl}"] for lvl in self.levels},
             {name: t[f"logits.{name}"] for name in self.teacher_names},
+            index,
         )
         return batch.to(device or torch.device("cpu"))
 
@@ -190,7 +197,10 @@ class TrajectoryCollector:
     def __call__(self, step: int, total: int, batch: SampleBatch) -> None:
         if step < self.start * total:
             return
-        flat = {k: (v.float() if k.startswith("logits.") else v.to(self.dtype)).cpu() for k, v in _flatten(batch).items()}
+        flat = {
+            k: (v.float() if k.startswith("logits.") else v.to(self.dtype)).cpu()
+            for k, v in _flatten(batch).items()
+        }
         n = len(batch)
         if not self.store:
             self.teacher_names, self.levels = list(batch.logits), sorted(batch.features)

@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from dfka.amalgamation import fast
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.config import GanConfig
 from dfka.amalgamation.engine import cosine_lr, set_lr
@@ -64,6 +65,34 @@ def group_widths(widths: int | list[int] | None, num_groups: int) -> list[int]:
     return list(widths)
 
 
+def generator_terms(
+    teachers: TeacherSet, union: UnionRule, logits: dict[str, torch.Tensor], pre_head: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """The DAFL terms of Eq. 8 on the union scores: ``({oh, ie, dis, a}, scores)``.
+
+    Multi-class labels: one-hot and information entropy on the union softmax, and L_dis as the entropy
+    of which teacher claims the sample; multi-label labels: their sigmoid versions and sparsity. The
+    DAFL-style baseline uses the same function, so only the method differs between the two.
+    """
+    scores = union(logits)
+    mc = union.multiclass_mask
+    zero = scores.new_zeros(())
+    oh = ie = dis = zero
+    if mc.any():
+        oh = oh + onehot_loss(scores[:, mc], "multiclass")
+        ie = ie + info_entropy_loss(scores[:, mc], "multiclass")
+        owners = [
+            teachers.select(n, logits[n]) for n in teachers.names if teachers.infos[n].task == "multiclass"
+        ]
+        if len(owners) > 1:
+            dis = dis + ownership_entropy(owners)
+    if not mc.all():
+        oh = oh + onehot_loss(scores[:, ~mc], "multilabel")
+        ie = ie + info_entropy_loss(scores[:, ~mc], "multilabel")
+        dis = dis + sparsity_loss(scores[:, ~mc])
+    return {"oh": oh, "ie": ie, "dis": dis, "a": activation_loss(pre_head.values())}, scores
+
+
 class AmalgamatingGAN(nn.Module):
     """Generator, teacher-level filters and the frozen teachers, with the stage-1 losses."""
 
@@ -89,8 +118,10 @@ class AmalgamatingGAN(nn.Module):
                     for name, channels in teachers.level_channels(level).items()
                 }
             )
-        self.bn_stats = BNStatsRecorder(teachers.models.values()) if cfg.loss.bn > 0 else None
-        self.pre_head = InputRecorder({name: model.head for name, model in teachers})
+        # what runs: the teachers' compute copies on the fast path (fast.py), the teachers otherwise
+        self.compute = teachers.compute_models()
+        self.bn_stats = BNStatsRecorder(self.compute.values()) if cfg.loss.bn > 0 else None
+        self.pre_head = InputRecorder({name: model.head for name, model in self.compute.items()})
         # DFAD-style proxy student, only when the adversarial term is on.
         self.student = student if cfg.loss.adv > 0 else None
 
@@ -107,32 +138,13 @@ class AmalgamatingGAN(nn.Module):
         image = feats[-1]
         if self.bn_stats is not None:
             self.bn_stats.active = True
-        logits = {name: model(image) for name, model in self.teachers}
+        logits = {name: model(image) for name, model in self.compute.items()}
         if self.bn_stats is not None:
             self.bn_stats.active = False
         pre_head = dict(self.pre_head.values)
-        scores = self.union(logits)
+        parts, scores = generator_terms(self.teachers, self.union, logits, pre_head)
         mc = self.union.multiclass_mask
-        parts: dict[str, torch.Tensor] = {}
         zero = scores.new_zeros(())
-        oh = ie = dis = zero
-        if mc.any():
-            oh = oh + onehot_loss(scores[:, mc], "multiclass")
-            ie = ie + info_entropy_loss(scores[:, mc], "multiclass")
-            mc_teachers = [
-                self.teachers.select(n, logits[n])
-                for n in self.teachers.names
-                if self.teachers.infos[n].task == "multiclass"
-            ]
-            if len(mc_teachers) > 1:
-                dis = dis + ownership_entropy(mc_teachers)
-        if not mc.all():
-            ml = ~mc
-            oh = oh + onehot_loss(scores[:, ml], "multilabel")
-            ie = ie + info_entropy_loss(scores[:, ml], "multilabel")
-            dis = dis + sparsity_loss(scores[:, ml])
-        parts["oh"], parts["ie"], parts["dis"] = oh, ie, dis
-        parts["a"] = activation_loss(pre_head.values())
         parts["bn"] = self.bn_stats.pop() if self.bn_stats is not None else zero
 
         blocks = self.teachers.num_blocks
@@ -144,7 +156,7 @@ class AmalgamatingGAN(nn.Module):
                 feat = feats[j - 1]
                 level_logits = {
                     name: model.forward_from(self.filters[str(level)][name](feat), level)
-                    for name, model in self.teachers
+                    for name, model in self.compute.items()
                 }
                 cons.append(union_loss(self.union(level_logits), target, mc))
             parts["consistency"] = torch.stack(cons).mean()
@@ -176,11 +188,17 @@ class GanTrainer:
 
     def __init__(self, gan: AmalgamatingGAN, seed: int, device: torch.device):
         self.gan = gan.to(device)
+        fast.accelerate(gan.generator, device)
         self.device = device
         self.cfg = gan.cfg
-        self.optimizer = torch.optim.Adam(gan.trainable_parameters(), lr=self.cfg.lr, betas=(0.5, 0.999))
+        adam = fast.adam_options(device)
+        self.optimizer = torch.optim.Adam(
+            gan.trainable_parameters(), lr=self.cfg.lr, betas=(0.5, 0.999), **adam
+        )
         self.student_optimizer = (
-            torch.optim.Adam(gan.student.parameters(), lr=self.cfg.lr) if gan.student is not None else None
+            torch.optim.Adam(gan.student.parameters(), lr=self.cfg.lr, **adam)
+            if gan.student is not None
+            else None
         )
         self.rng = torch.Generator().manual_seed(seed)
         #: called with every step's generated batch (already scored by the teachers), e.g. to bank it
@@ -191,8 +209,9 @@ class GanTrainer:
         lr = cosine_lr(self.cfg.lr, step, total)
         set_lr(self.optimizer, lr)
         z = torch.randn(self.cfg.batch_size, self.cfg.latent_dim, generator=self.rng).to(self.device)
-        parts, generated = self.gan.losses(z)
-        loss = self.gan.weighted(parts)
+        with fast.autocast(self.device):
+            parts, generated = self.gan.losses(z)
+            loss = self.gan.weighted(parts)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()

@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from dfka.amalgamation import fast
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.config import BlocksConfig
 from dfka.amalgamation.engine import cosine_lr, set_lr
@@ -111,7 +112,10 @@ class BlockTrainer:
         batches: Iterator[SampleBatch],
         device: torch.device,
     ):
-        self.dual = dual.to(device)
+        self.dual = fast.accelerate(dual.to(device), device)
+        self.compute = dual.teachers.compute_models()  # teachers' compute copies on the fast path
+        self.fast = fast.enabled()
+        self.prefix = fast.PrefixCache() if self.fast else None  # frozen blocks 1..b-1 per bank sample
         self.union = union
         self.cfg = cfg
         self.batches = batches
@@ -130,10 +134,14 @@ class BlockTrainer:
     def start_block(self, b: int) -> None:
         """Freeze everything except block ``b``'s trainable set and build its optimiser."""
         self.block = b
+        if self.prefix is not None:
+            self.prefix.reset()
         self.dual.requires_grad_(False)
         for p in self.dual.block_parameters(b):
             p.requires_grad_(True)
-        self.optimizer = torch.optim.Adam(self.dual.block_parameters(b), lr=self.cfg.lr)
+        self.optimizer = torch.optim.Adam(
+            self.dual.block_parameters(b), lr=self.cfg.lr, **fast.adam_options(self.device)
+        )
         self._train_modes()
 
     def _train_modes(self) -> None:
@@ -149,7 +157,7 @@ class BlockTrainer:
             return self.dual.branch_scores(feature)
         logits = {
             name: model.forward_from(self.dual.filters[str(b)][name](feature), b)
-            for name, model in self.dual.teachers
+            for name, model in self.compute.items()
         }
         return self.union(logits)
 
@@ -158,19 +166,30 @@ class BlockTrainer:
         student = self.dual.student
         with torch.no_grad():
             target = self.union(batch.logits)
-            own = student.run_blocks(batch.image, 0, b - 1) if b > 1 else batch.image
+            if b == 1:
+                own = batch.image
+            elif self.prefix is not None:
+                own = self.prefix(student, batch.image, b - 1, batch.index)
+            else:
+                own = student.run_blocks(batch.image, 0, b - 1)
         weights = self._sample_weights(target)
         mask = self.union.multiclass_mask
-        stream1 = self._loss(self.scores_from(student.run_blocks(own, b - 1, b), b), target, mask, weights)
+        feature1 = student.run_blocks(own, b - 1, b)
         if b == 1 or self.cfg.lambda_stream2 == 0:
+            stream1 = self._loss(self.scores_from(feature1, b), target, mask, weights)
             stream2 = stream1 if b == 1 else torch.zeros_like(stream1)
         else:
             adapted = self.dual.stream2[str(b)](batch.features[b - 1])
             # Stream 2 shapes the block but must not shift its BN running statistics: at inference the
             # block only ever sees stream 1 (the student's own path).
             with frozen_bn_stats(student.blocks[b - 1]):
-                feature = student.run_blocks(adapted, b - 1, b)
-            stream2 = self._loss(self.scores_from(feature, b), target, mask, weights)
+                feature2 = student.run_blocks(adapted, b - 1, b)
+            if self.fast:  # filters and teachers act per sample: both streams in one batch
+                scores1, scores2 = self.scores_from(torch.cat([feature1, feature2]), b).chunk(2)
+            else:
+                scores1, scores2 = self.scores_from(feature1, b), self.scores_from(feature2, b)
+            stream1 = self._loss(scores1, target, mask, weights)
+            stream2 = self._loss(scores2, target, mask, weights)
         loss = self.cfg.lambda_stream1 * stream1 + self.cfg.lambda_stream2 * stream2
         return {"loss": loss, "stream1": stream1.detach(), "stream2": stream2.detach()}
 
@@ -188,7 +207,8 @@ class BlockTrainer:
         assert self.optimizer is not None, "call start_block first"
         self._train_modes()
         set_lr(self.optimizer, cosine_lr(self.cfg.lr, step, total))
-        out = self.block_loss(next(self.batches))
+        with fast.autocast(self.device):
+            out = self.block_loss(next(self.batches))
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
         self.optimizer.step()

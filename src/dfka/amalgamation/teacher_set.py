@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from dfka.amalgamation import fast
 from dfka.errors import CompatibilityError, LabelError
 from dfka.models import BlockClassifier, count_flops, count_params, freeze
 
@@ -128,6 +129,17 @@ class TeacherSet(nn.Module):
         """Shape at ``level`` with the widest teacher's channel count (the generator's working width)."""
         shapes = [m.level_shapes()[level] for m in self.models.values()]
         return (max(s[0] for s in shapes), *shapes[0][1:])
+
+    def compute_models(self) -> dict[str, BlockClassifier]:
+        """The modules the stages evaluate: on the fast path, compute copies of the teachers (BatchNorm
+        folded, channels-last, see :mod:`dfka.amalgamation.fast`), built once and kept as a submodule
+        without state; on the reference path, the teachers themselves. Outputs agree up to float
+        rounding, and the teachers are never modified."""
+        if not fast.enabled():
+            return dict(self.models.items())
+        if "compute" not in self._modules:
+            self.compute = fast.ComputeTeachers(dict(self.models.items()))
+        return dict(self.compute.models.items())
 
     def select(self, name: str, logits: torch.Tensor) -> torch.Tensor:
         """The task-level filter g_m: teacher ``name``'s outputs that belong to Y_cst."""

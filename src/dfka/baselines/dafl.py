@@ -14,18 +14,12 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from dfka.amalgamation import fast
 from dfka.amalgamation.config import AmalgamationConfig, Budget
 from dfka.amalgamation.engine import cosine_lr, run_loop, set_lr
-from dfka.amalgamation.losses import (
-    BNStatsRecorder,
-    InputRecorder,
-    activation_loss,
-    info_entropy_loss,
-    onehot_loss,
-    ownership_entropy,
-    sparsity_loss,
-)
+from dfka.amalgamation.losses import BNStatsRecorder, InputRecorder
 from dfka.amalgamation.run import MetricsCallback, StageReport, build_student
+from dfka.amalgamation.stage1 import generator_terms
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.data.guard import data_free
@@ -61,29 +55,6 @@ class PlainGenerator(nn.Module):
         return self.body(self.seed(z).view(z.shape[0], self.widths[0], *self.seed_hw))
 
 
-def generator_loss_parts(
-    teachers: TeacherSet, union: UnionRule, logits: dict[str, torch.Tensor], pre_head: dict[str, torch.Tensor]
-) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """DAFL's terms on the union scores (the same reading as dfka's stage 1); returns (parts, scores)."""
-    scores = union(logits)
-    mc = union.multiclass_mask
-    zero = scores.new_zeros(())
-    oh = ie = dis = zero
-    if mc.any():
-        oh = oh + onehot_loss(scores[:, mc], "multiclass")
-        ie = ie + info_entropy_loss(scores[:, mc], "multiclass")
-        owners = [
-            teachers.select(n, logits[n]) for n in teachers.names if teachers.infos[n].task == "multiclass"
-        ]
-        if len(owners) > 1:
-            dis = dis + ownership_entropy(owners)
-    if not mc.all():
-        oh = oh + onehot_loss(scores[:, ~mc], "multilabel")
-        ie = ie + info_entropy_loss(scores[:, ~mc], "multilabel")
-        dis = dis + sparsity_loss(scores[:, ~mc])
-    return {"oh": oh, "ie": ie, "dis": dis, "a": activation_loss(pre_head.values())}, scores
-
-
 def train_dafl(
     teachers: TeacherSet,
     union: UnionRule,
@@ -99,10 +70,16 @@ def train_dafl(
         torch.manual_seed(cfg.seed)
         generator = PlainGenerator(teachers.input_shape, cfg.gan.latent_dim).to(device)
         student = build_student(cfg.student, teachers).to(device)
-        opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.gan.lr, betas=(0.5, 0.999))
-        opt_s = torch.optim.Adam(student.parameters(), lr=cfg.blocks.lr)
-        bn = BNStatsRecorder(teachers.models.values()) if cfg.gan.loss.bn > 0 else None
-        heads = InputRecorder({n: m.head for n, m in teachers})
+        # the same compute path as dfka (fast.py: folded teachers, GEMM thin convs, fused Adam), so that
+        # equal wall-clock budgets buy both methods the same speed per step
+        fast.accelerate(generator, device)
+        fast.accelerate(student, device)
+        compute = teachers.compute_models()
+        adam = fast.adam_options(device)
+        opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.gan.lr, betas=(0.5, 0.999), **adam)
+        opt_s = torch.optim.Adam(student.parameters(), lr=cfg.blocks.lr, **adam)
+        bn = BNStatsRecorder(compute.values()) if cfg.gan.loss.bn > 0 else None
+        heads = InputRecorder({n: m.head for n, m in compute.items()})
         rng = torch.Generator().manual_seed(cfg.seed)
         w = cfg.gan.loss
         mask = union.multiclass_mask
@@ -116,10 +93,10 @@ def train_dafl(
             image = generator(z)
             if bn is not None:
                 bn.active = True
-            logits = {n: m(image) for n, m in teachers}
+            logits = {n: m(image) for n, m in compute.items()}
             if bn is not None:
                 bn.active = False
-            parts, scores = generator_loss_parts(teachers, union, logits, dict(heads.values))
+            parts, scores = generator_terms(teachers, union, logits, dict(heads.values))
             parts["bn"] = bn.pop() if bn is not None else scores.new_zeros(())
             loss_g = (
                 w.oh * parts["oh"]

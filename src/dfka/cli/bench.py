@@ -53,6 +53,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     ls.add_argument("--jobs", type=int, default=2, help="parallel jobs assumed by the time estimate")
     ls.set_defaults(func=_list)
 
+    tp = cmds.add_parser(
+        "throughput",
+        help="samples/s per training step and the fraction of the float32 matmul peak, fast vs reference path",
+        description="Time one step of every stage (GAN, export, each block, fine-tune) on the fast and the "
+        "reference compute path, interleaved, and report median ms/step, samples/s, GFLOP/s and the "
+        "fraction of the machine's float32 matmul peak (one large torch.matmul). Without --teachers it "
+        "uses untrained LeNet-5 teachers of --arch (speed does not depend on the weights).",
+    )
+    tp.add_argument("--teachers", nargs="*", default=None, help="teacher bundles (folders or s3:// URIs)")
+    tp.add_argument("--arch", default="lenet5:2", help="synthetic teachers' architecture (default lenet5:2)")
+    tp.add_argument("--student", default="lenet5:1.0", help="student architecture (default lenet5:1.0)")
+    tp.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    tp.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    tp.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
+    tp.add_argument("--steps-per-round", type=int, default=6, help="timed steps per round (default 6)")
+    tp.add_argument("--json", dest="json_out", help="also write the report as JSON here")
+    tp.set_defaults(func=_throughput)
+
 
 def _run(args: argparse.Namespace) -> int:
     from dfka.bench.runner import failure_summary, parse_list, run_benchmark
@@ -90,6 +108,35 @@ def _report(args: argparse.Namespace) -> int:
     print(f"summary: {written['summary']}")
     if "readme" in written:
         print(f"updated: {written['readme']}")
+    return 0
+
+
+def _throughput(args: argparse.Namespace) -> int:
+    import json
+    from pathlib import Path
+
+    from dfka.amalgamation import throughput
+    from dfka.amalgamation.config import AmalgamationConfig
+    from dfka.bundles import load_bundle
+
+    bundles = (
+        [load_bundle(t) for t in args.teachers] if args.teachers else throughput.synthetic_teachers(args.arch)
+    )
+    labels = [label for b in bundles for label in b.manifest.labels]
+    cfg = AmalgamationConfig(student=args.student, target_labels=list(dict.fromkeys(labels)))
+    report = throughput.measure(
+        bundles,
+        cfg,
+        threads=args.threads,
+        device=args.device,
+        rounds=args.rounds,
+        steps_per_round=args.steps_per_round,
+        progress=lambda msg: print(msg, flush=True),
+    )
+    print(report.table())
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(report.as_dict(), indent=1))
+        print(f"written: {args.json_out}")
     return 0
 
 

@@ -13,7 +13,9 @@ import time
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    demo = sub.add_parser("demo", help="build the demo teachers and run the whole pipeline on the local stack")
+    demo = sub.add_parser(
+        "demo", help="build the demo teachers and run the whole pipeline on the local stack"
+    )
     demo.add_argument("--teachers", default="configs/demo-teachers.yaml", help="teacher-set config")
     demo.add_argument("--config", default="configs/demo.yaml", help="experiment config the pipeline runs")
     demo.add_argument("--threads", type=int)
@@ -29,10 +31,14 @@ def _demo(args: argparse.Namespace) -> int:
     info = stack_up()
     for key, value in info.env().items():
         os.environ.setdefault(key, value)
-    print(f"stack: S3 {info.s3_endpoint}  MLflow {info.mlflow_uri}  (started: {', '.join(info.started) or 'none'})")
+    print(
+        f"stack: S3 {info.s3_endpoint}  MLflow {info.mlflow_uri}  (started: {', '.join(info.started) or 'none'})"
+    )
     _zoo(argparse.Namespace(config=args.teachers, force=False, threads=args.threads))
     teachers_seconds = time.perf_counter() - started
     run_local(args.config)  # prints the results table, wall-clock per stage, MLflow/model/bucket links
-    print(f"\nteachers:    s3://{info.bucket}/teachers/demo/  (experiment dfka-teachers, {teachers_seconds:.0f} s)")
+    print(
+        f"\nteachers:    s3://{info.bucket}/teachers/demo/  (experiment dfka-teachers, {teachers_seconds:.0f} s)"
+    )
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
