@@ -17,13 +17,13 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from dfka import storage
 from dfka.errors import DfkaError
 from dfka.pipeline_config import GIT_COMMIT_ENV, RUN_ID_ENV, STAGES, ExperimentConfig, RetrySettings
+from dfka.runtime import env_var
 from dfka.settings import default_bucket, dfka_home, load_stack_env, redact
 from dfka.stages.context import (
     experiment_id,
@@ -116,7 +116,7 @@ def run(
     try:
         with contextlib.ExitStack() as stack:
             stack.callback(shutil.rmtree, scratch, True)
-            stack.enter_context(_env("TMPDIR", str(scratch)))
+            stack.enter_context(env_var("TMPDIR", str(scratch)))
             if not verbose:  # kfp.local prints each stage's output (and its full executor input) to stdout
                 log_stream = stack.enter_context(logfile.open("w"))
                 stack.enter_context(contextlib.redirect_stdout(_Progress(log_stream, sys.stdout)))
@@ -154,19 +154,6 @@ class _Progress:
     def flush(self) -> None:
         self.log.flush()
         self.terminal.flush()
-
-
-@contextlib.contextmanager
-def _env(key: str, value: str) -> Iterator[None]:
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 def _fail_parent(experiment: str, run_id: str) -> None:

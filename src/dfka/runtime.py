@@ -51,3 +51,17 @@ def timed(into: dict[str, float], key: str) -> Iterator[None]:
         yield
     finally:
         into[key] = into.get(key, 0.0) + time.perf_counter() - start
+
+
+@contextmanager
+def env_var(key: str, value: str) -> Iterator[None]:
+    """Set an environment variable inside the block and restore (or remove) it afterwards."""
+    old = os.environ.get(key)
+    os.environ[key] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = old

@@ -19,9 +19,8 @@ import logging
 import multiprocessing
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from dfka.bench.machine import describe, machine_info
 from dfka.bench.report import write_benchmark_outputs
 from dfka.bench.results import add_run, open_results, save_results
 from dfka.errors import ConfigError, DfkaError
+from dfka.runtime import env_var
 
 log = logging.getLogger(__name__)
 DEFAULT_OUT = "benchmarks/results"
@@ -78,19 +78,6 @@ def _with_overrides(
     if reference_budget_minutes is not None:
         raw["reference_budget_minutes"] = reference_budget_minutes
     return parse_benchmark(raw, source=f"benchmark {cfg.name} with overrides")
-
-
-@contextmanager
-def _env(key: str, value: str) -> Iterator[None]:
-    old = os.environ.get(key)
-    os.environ[key] = value
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = old
 
 
 def _init_worker(threads: int) -> None:
@@ -204,7 +191,7 @@ def run_benchmark(
         elif todo:
             ctx = multiprocessing.get_context("spawn")
             with (
-                _env("OMP_NUM_THREADS", str(per_job_threads)),
+                env_var("OMP_NUM_THREADS", str(per_job_threads)),
                 ProcessPoolExecutor(
                     max_workers=jobs, mp_context=ctx, initializer=_init_worker, initargs=(per_job_threads,)
                 ) as pool,
