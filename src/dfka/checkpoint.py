@@ -31,7 +31,8 @@ import random
 import re
 import tempfile
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -407,6 +408,16 @@ class Checkpoints:
             position.step,
         )  # fmt: skip
         return position
+
+    @contextmanager
+    def writing_outputs(self) -> Iterator[None]:
+        """Around a finished stage's output writes: a store failure is restated with the intact
+        checkpoint (:meth:`store_failed`); on success the checkpoints are no longer needed (:meth:`clear`)."""
+        try:
+            yield
+        except StorageError as err:
+            raise self.store_failed(err, "write its outputs") from None
+        self.clear()
 
     def clear(self) -> None:
         """Delete every checkpoint of the stage (after it succeeded), unless ``DFKA_KEEP_CHECKPOINTS=1``."""

@@ -7,7 +7,7 @@ ablation is one flag away.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -26,6 +26,16 @@ class GanLoss(_Strict):
     consistency: float = Field(1.0, ge=0, description="Eq. 11: intermediate levels agree with the image")
     bn: float = Field(1.0, ge=0, description="BatchNorm-statistics matching (not in the paper)")
     adv: float = Field(0.0, ge=0, description="adversarial student-teacher discrepancy (not in the paper)")
+
+    def weighted(self, parts: dict[str, Any]) -> Any:
+        """Σ weight · part over the terms present in ``parts``, summed in a fixed order (a method without
+        consistency or adversarial terms, like the DAFL baseline, simply leaves them out)."""
+        order = ("oh", "a", "ie", "dis", "bn", "consistency", "adv")
+        terms = [getattr(self, name) * parts[name] for name in order if name in parts]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        return total
 
 
 class Budget(_Strict):

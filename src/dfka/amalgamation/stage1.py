@@ -171,16 +171,7 @@ class AmalgamatingGAN(nn.Module):
         return parts, SampleBatch(z, image, levels, logits)
 
     def weighted(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
-        w = self.cfg.loss
-        return (
-            w.oh * parts["oh"]
-            + w.a * parts["a"]
-            + w.ie * parts["ie"]
-            + w.dis * parts["dis"]
-            + w.bn * parts["bn"]
-            + w.consistency * parts["consistency"]
-            + w.adv * parts["adv"]
-        )
+        return self.cfg.loss.weighted(parts)
 
 
 class GanTrainer:

@@ -98,13 +98,7 @@ def train_dafl(
                 bn.active = False
             parts, scores = generator_terms(teachers, union, logits, dict(heads.values))
             parts["bn"] = bn.pop() if bn is not None else scores.new_zeros(())
-            loss_g = (
-                w.oh * parts["oh"]
-                + w.a * parts["a"]
-                + w.ie * parts["ie"]
-                + w.dis * parts["dis"]
-                + w.bn * parts["bn"]
-            )
+            loss_g = w.weighted(parts)  # oh, a, ie, dis, bn: no consistency or adversarial term
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
             opt_g.step()

@@ -41,7 +41,6 @@ from dfka.amalgamation.samples import (
 from dfka.amalgamation.stage1 import AmalgamatingGAN
 from dfka.checkpoint import Checkpoints
 from dfka.data import data_free
-from dfka.errors import StorageError
 from dfka.models import count_flops, count_params
 from dfka.stages import report as reports
 from dfka.stages._common import (
@@ -133,11 +132,8 @@ def train_amalgamating_gan(
             student=proxy,
             checkpoints=checkpoints,
         )
-        try:
+        with checkpoints.writing_outputs():
             result = _finish_gan(ts, gan, trajectory, stage, out, context, tracker, checkpoints, started)
-        except StorageError as err:
-            raise checkpoints.store_failed(err, "write its outputs") from None
-        checkpoints.clear()
         return result
 
 
@@ -295,7 +291,7 @@ def train_dual_generator_blocks(
             progress=ctx.progress,
             checkpoints=checkpoints,
         )
-        try:
+        with checkpoints.writing_outputs():
             save_dual(dual, out, channels, extra={"report": stage.as_dict(), "samples": where})
             metrics = report_metrics("stage", stage)
             metrics.update({k: float(v) for k, v in stage.extra.items() if isinstance(v, int | float)})
@@ -307,9 +303,6 @@ def train_dual_generator_blocks(
                 "checkpoints": checkpoints.summary(),
             }
             result = finish(BLOCKS_STAGE, out, context, tracker, result, started)
-        except StorageError as err:
-            raise checkpoints.store_failed(err, "write its outputs") from None
-        checkpoints.clear()
         return result
 
 
@@ -366,15 +359,12 @@ def regroup_target_net(
             progress=ctx.progress,
             checkpoints=checkpoints,
         )
-        try:
+        with checkpoints.writing_outputs():
             result = _finish_regroup(
                 ts, net, stage, example, where, out, ctx, context, tracker, registered_model_name
             )
             result["checkpoints"] = checkpoints.summary()
             result = finish(REGROUP_STAGE, out, context, tracker, result, started)
-        except StorageError as err:
-            raise checkpoints.store_failed(err, "write its outputs") from None
-        checkpoints.clear()
         return result
 
 
