@@ -167,7 +167,7 @@ def test_runner_runs_data_free_methods_inside_the_guard(monkeypatch) -> None:
 # --- result files, reports, README ------------------------------------------------------------------
 
 
-def _header(student: str = "lenet5:0.5") -> dict:
+def _header(student: str = "lenet5:0.5", weights: str = "w") -> dict:
     return {
         "benchmark": "fake",
         "description": "a fake benchmark",
@@ -175,7 +175,9 @@ def _header(student: str = "lenet5:0.5") -> dict:
         "task": "multiclass",
         "metric": "acc",
         "label_set": ["digit_0", "digit_1"],
-        "teachers": {"t0": {"recipe_sha256": "x", "train_seconds": 3.0, "epochs": 1}},
+        "teachers": {
+            "t0": {"recipe_sha256": "x", "weights_sha256": weights, "train_seconds": 3.0, "epochs": 1}
+        },
         "reference": {
             "ensemble": {"union_acc": 0.9, "acc.t0": 0.99},
             "teachers": {"teacher_acc.t0": 0.99},
@@ -224,6 +226,18 @@ def test_results_accumulate_replace_and_archive_when_the_experiment_changes(tmp_
     changed = open_results(tmp_path, _header(student="lenet5:1"))  # another student: not comparable
     assert changed["runs"] == {}
     assert len(list(tmp_path.glob("fake.stale-*.json"))) == 1
+
+
+def test_results_of_retrained_teachers_are_archived_not_mixed(tmp_path: Path) -> None:
+    """The same recipe retrained elsewhere gives other weights: the old rows describe other teachers."""
+    data = open_results(tmp_path, _header(weights="w1"))
+    add_run(data, _run("dafl", 0, 0.8))
+    save_results(tmp_path, data)
+    assert open_results(tmp_path, _header(weights="w1"))["runs"].keys() == {"dafl/0"}
+    retrained = open_results(tmp_path, _header(weights="w2"))
+    assert retrained["runs"] == {}
+    archived = list(tmp_path.glob("fake.stale-*.json"))
+    assert len(archived) == 1 and "dafl/0" in json.loads(archived[0].read_text())["runs"]
 
 
 def test_report_tables_plot_and_readme_block(tmp_path: Path) -> None:

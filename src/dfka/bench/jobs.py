@@ -70,6 +70,7 @@ def prepare_teachers(
             "arch": dict(manifest.arch),
             "task": manifest.task,
             "recipe_sha256": manifest.training.get("recipe_sha256"),
+            "weights_sha256": manifest.weights.sha256,
             "train_seconds": manifest.metrics.get("train_seconds"),
             "test_metrics": {k: v for k, v in manifest.metrics.items() if k.startswith("test_")},
             "epochs": manifest.training.get("epochs"),

@@ -1,7 +1,7 @@
 """Result files of one benchmark: ``<name>.json`` (the source of truth) and ``<name>.csv`` (derived).
 
 Runs are keyed by ``(method, seed)``: a partial run adds its rows, a re-run replaces them, and every
-write is atomic. When the *comparison key* changes (dataset, task, Y_cst, student, teacher recipes),
+write is atomic. When the *comparison key* changes (dataset, task, Y_cst, student, teacher recipes or weights),
 the old results no longer describe the same experiment: they are moved aside to
 ``<name>.stale-<timestamp>.json`` rather than mixed into the new table.
 
@@ -40,13 +40,17 @@ def csv_path(out_dir: str | Path, name: str) -> Path:
 
 
 def comparison_key(header: dict[str, Any]) -> str:
-    """What makes two result sets comparable: same data, label set, student and teachers."""
+    """What makes two result sets comparable: same data, label set, student and teachers. Teachers are
+    compared by their weights, not only their recipe: the same recipe retrained on another machine or
+    thread count gives other weights (and another ensemble), so its runs are another experiment."""
     key = {
         "dataset": header["config"]["dataset"],
         "task": header["task"],
         "labels": header["label_set"],
         "student": header["config"]["student"],
-        "teachers": {n: t.get("recipe_sha256") for n, t in header["teachers"].items()},
+        "teachers": {
+            n: [t.get("recipe_sha256"), t.get("weights_sha256")] for n, t in header["teachers"].items()
+        },
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
