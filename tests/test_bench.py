@@ -20,7 +20,7 @@ from dfka.bench import DATA_FREE, METHODS, WITH_DATA, available_benchmarks, load
 from dfka.bench import jobs as jobs_module
 from dfka.bench.evaluate import build_eval_set, evaluate_model, evaluate_teachers
 from dfka.bench.report import update_readme, write_report
-from dfka.bench.results import add_run, open_results, save_results
+from dfka.bench.results import add_run, open_results, record_run, save_results
 from dfka.bench.runner import run_benchmark
 from dfka.data import mnist_available
 from dfka.errors import ConfigError, DataFreeViolation
@@ -226,6 +226,16 @@ def test_results_accumulate_replace_and_archive_when_the_experiment_changes(tmp_
     changed = open_results(tmp_path, _header(student="lenet5:1"))  # another student: not comparable
     assert changed["runs"] == {}
     assert len(list(tmp_path.glob("fake.stale-*.json"))) == 1
+
+
+def test_two_invocations_on_one_benchmark_keep_each_others_rows(tmp_path: Path) -> None:
+    baselines = open_results(tmp_path, _header())  # e.g. `--methods dafl` on one core ...
+    dfka = open_results(tmp_path, _header())  # ... and `--methods dfka` on the other
+    record_run(tmp_path, baselines, _run("dafl", 0, 0.8))
+    record_run(tmp_path, dfka, _run("dfka", 0, 0.85))
+    record_run(tmp_path, baselines, _run("dafl", 1, 0.81))
+    rows = list(csv.DictReader((tmp_path / "fake.csv").open()))
+    assert [(r["method"], r["seed"]) for r in rows] == [("dfka", "0"), ("dafl", "0"), ("dafl", "1")]
 
 
 def test_results_of_retrained_teachers_are_archived_not_mixed(tmp_path: Path) -> None:

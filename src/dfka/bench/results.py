@@ -1,7 +1,8 @@
 """Result files of one benchmark: ``<name>.json`` (the source of truth) and ``<name>.csv`` (derived).
 
 Runs are keyed by ``(method, seed)``: a partial run adds its rows, a re-run replaces them, and every
-write is atomic. When the *comparison key* changes (dataset, task, Y_cst, student, teacher recipes or weights),
+write is atomic. :func:`record_run` re-reads the file under a lock before it adds a row, so two
+invocations on the same benchmark (say, the baselines and dfka on different cores) keep each other's rows. When the *comparison key* changes (dataset, task, Y_cst, student, teacher recipes or weights),
 the old results no longer describe the same experiment: they are moved aside to
 ``<name>.stale-<timestamp>.json`` rather than mixed into the new table.
 
@@ -15,12 +16,15 @@ ensemble, params and FLOPs against the teachers combined, ``seconds.total`` and 
 from __future__ import annotations
 
 import csv
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +84,14 @@ def atomic_write(path: Path, text: str) -> None:
 
 
 def open_results(out_dir: str | Path, header: dict[str, Any]) -> dict[str, Any]:
-    """The benchmark's result data with ``header`` applied; stale results are archived first."""
+    """The benchmark's result data with ``header`` applied (and saved); stale results are archived first."""
+    with locked(out_dir, header["benchmark"]):
+        data = _open(out_dir, header)
+        save_results(out_dir, data)
+    return data
+
+
+def _open(out_dir: str | Path, header: dict[str, Any]) -> dict[str, Any]:
     path = json_path(out_dir, header["benchmark"])
     header = {**header, "format": FORMAT}
     header["comparison_key"] = comparison_key(header)
@@ -106,6 +117,30 @@ def save_results(out_dir: str | Path, data: dict[str, Any]) -> Path:
     atomic_write(path, json.dumps(data, indent=1, sort_keys=False, default=str) + "\n")
     write_csv(out_dir, data)
     return path
+
+
+@contextmanager
+def locked(out_dir: str | Path, name: str) -> Iterator[None]:
+    """An exclusive lock on benchmark ``name``'s result files, across processes."""
+    path = Path(out_dir) / f".{name}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def record_run(out_dir: str | Path, data: dict[str, Any], run: dict[str, Any]) -> Path:
+    """Add ``run`` to ``data`` and save it, on top of whatever rows the file holds now: rows that
+    another invocation added since ``data`` was opened are kept, not overwritten."""
+    with locked(out_dir, data["benchmark"]):
+        disk = load_results(json_path(out_dir, data["benchmark"]))
+        if disk is not None and disk.get("comparison_key") == data["comparison_key"]:
+            data["runs"] = dict(disk.get("runs", {}))
+        add_run(data, run)
+        return save_results(out_dir, data)
 
 
 def run_key(method: str, seed: int) -> str:

@@ -29,7 +29,7 @@ from dfka.bench.config import KIND, METHODS, BenchmarkConfig, load_benchmark, pa
 from dfka.bench.jobs import JobResult, JobSpec, ensemble_result, prepare_teachers, reference_metrics, run_job
 from dfka.bench.machine import describe, machine_info
 from dfka.bench.report import write_benchmark_outputs
-from dfka.bench.results import add_run, open_results, save_results
+from dfka.bench.results import open_results, record_run
 from dfka.errors import ConfigError, DfkaError
 from dfka.runtime import env_var
 
@@ -134,7 +134,6 @@ def run_benchmark(
         "machine": machine,
     }
     data = open_results(out, header)
-    save_results(out, data)
 
     specs = [
         JobSpec(
@@ -158,8 +157,7 @@ def run_benchmark(
 
     def finish(result: JobResult, child: Any = None) -> None:
         results.append(result)
-        add_run(data, _run_record(result, machine))
-        save_results(out, data)
+        record_run(out, data, _run_record(result, machine))
         _log_child(tracker, child, cfg, result, reference, machine)
         m = cfg.metric
         if result.status == "ok":
