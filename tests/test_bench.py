@@ -326,6 +326,39 @@ def test_end_to_end_tiny_benchmark(tiny_yaml: Path, tmp_path: Path, monkeypatch,
 
 
 @pytest.mark.skipif(not mnist_available(), reason="needs MNIST (dfka data fetch)")
+def test_dev_split_is_a_fixed_subset_of_training_images_kept_apart_from_test_results(
+    tiny_yaml: Path, tmp_path: Path
+) -> None:
+    """--eval-split dev scores on DEV_IMAGES fixed training images (never the test split) and writes a
+    result set that cannot mix with test-split rows."""
+    from dfka.bench.evaluate import DEV_IMAGES, load_eval_set
+    from dfka.data import load_split
+
+    cfg = load_benchmark(tiny_yaml)
+    teachers = teacher_set_from_bundles(
+        [
+            toy_teacher([0, 1, 2, 3, 4], name="lo", labels=[f"digit_{i}" for i in range(5)], steps=1),
+            toy_teacher([3, 4, 5, 6, 7], name="hi", labels=[f"digit_{i}" for i in range(5, 10)], steps=1),
+        ],
+        [f"digit_{i}" for i in range(10)],
+    )
+    dev = load_eval_set(cfg.dataset, teachers, cfg.task, "dev")
+    again = load_eval_set(cfg.dataset, teachers, cfg.task, "dev")
+    assert len(dev) == DEV_IMAGES and torch.equal(dev.images, again.images)
+    train = {x.tobytes() for x in load_split("mnist", "train").images}
+    test = load_split("mnist", "test").images
+    dev_pixels = (dev.images * 255).round().to(torch.uint8).numpy()
+    assert all(x.tobytes() in train for x in dev_pixels)
+    assert sum(x.tobytes() in train for x in test[:500]) < 5  # test images are not in the training split
+    out = tmp_path / "results"
+    run = run_benchmark(tiny_yaml, methods=["ensemble"], out_dir=out, eval_split="dev", mlflow=False)
+    assert json.loads((out / "tiny.json").read_text())["config"]["eval_split"] == "dev"
+    assert "**dev** images" in run.outputs["markdown"].read_text()
+    run_benchmark(tiny_yaml, methods=["ensemble"], out_dir=out, mlflow=False)  # test split: archives dev
+    assert len(list(out.glob("tiny.stale-*.json"))) == 1
+
+
+@pytest.mark.skipif(not mnist_available(), reason="needs MNIST (dfka data fetch)")
 def test_parallel_jobs_then_a_rerun_replaces_its_rows(tiny_yaml: Path, tmp_path: Path) -> None:
     """--jobs 2: one worker process per job, one torch thread each; a later run replaces its (method, seed)."""
     out = tmp_path / "results"

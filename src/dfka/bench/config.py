@@ -18,6 +18,7 @@ method names, unknown labels and impossible values are rejected with a message n
     seeds: [0, 1, 2]
     budget_minutes: 5               # per (data-free method, seed)
     reference_budget_minutes: null  # kd-real / layerwise; null = budget_minutes
+    eval_split: test                # dev: score on a fixed subset of the training split (for tuning)
     amalgamation: {}                # AmalgamationConfig overrides (not student/seed/threads/budget)
     baselines: {dfad: {}, noise: {}, kd-real: {}, layerwise: {}}
 """
@@ -90,6 +91,10 @@ class BenchmarkConfig(BaseModel):
         None, gt=0, description="kd-real and layerwise; default: budget_minutes"
     )
     threads: int | None = Field(None, ge=1, description="torch threads per job (default 1)")
+    eval_split: Literal["test", "dev"] = Field(
+        "test",
+        description="test: the reported numbers; dev: a fixed subset of the training split, for tuning",
+    )
     amalgamation: dict[str, Any] = Field(default_factory=dict)
     baselines: BaselineOptions = BaselineOptions()
 

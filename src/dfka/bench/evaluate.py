@@ -9,6 +9,12 @@
   student, so the table compares like with like.
 
 Always the final model; nothing here feeds back into training or model selection.
+
+**Dev split** (``eval_split: dev``, for tuning): a fixed subset of the *training* split (``DEV_IMAGES``
+images drawn with ``DEV_SEED``; for mosaics, ``DEV_IMAGES`` new mosaics of training tiles). Data-free
+methods never see it (it is read only to score their final model), so choices can be made on it and the
+test split stays untouched until the reported run. The teachers were trained on these images, so the
+teachers and the ensemble score higher on it than on the test split; compare methods, not absolutes.
 """
 
 from __future__ import annotations
@@ -23,6 +29,8 @@ from dfka.evaluation import accuracy, mean_average_precision, predict
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 BATCH = 256  # measured faster than 1000 for these small CPU models
+DEV_IMAGES = 10000
+DEV_SEED = 20261201
 
 
 @dataclass
@@ -73,13 +81,29 @@ def build_eval_set(
     return EvalSet(images, targets, list(label_names), task, subtasks)
 
 
-def load_eval_set(dataset: str, teachers: TeacherSet, task: str) -> EvalSet:
-    """The benchmark's real test split over Y_cst (allowed in data-free stages: it is the test split)."""
+def load_eval_set(dataset: str, teachers: TeacherSet, task: str, split: str = "test") -> EvalSet:
+    """The benchmark's real test split over Y_cst (allowed in data-free stages: it is the test split),
+    or with ``split="dev"`` the fixed dev subset of the training split (see the module docstring)."""
     from dfka.data import load_split
 
-    test = load_split(dataset, "test", labels=teachers.target_labels, task=task)
-    images, targets = test.tensors()
-    return build_eval_set(images, targets, test.label_names, task, teachers)
+    if split == "test":
+        part = load_split(dataset, "test", labels=teachers.target_labels, task=task)
+        images, targets = part.tensors()
+    elif split == "dev":
+        if dataset == "mosaic":
+            part = load_split(
+                dataset, "train", labels=teachers.target_labels, task=task, n=DEV_IMAGES, seed=DEV_SEED
+            )
+            images, targets = part.tensors()
+        else:
+            part = load_split(dataset, "train", labels=teachers.target_labels, task=task)
+            images, targets = part.tensors()
+            pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(DEV_SEED))
+            pick = pick[:DEV_IMAGES].sort().values
+            images, targets = images[pick], targets[pick]
+    else:
+        raise ValueError(f"unknown evaluation split {split!r} (test or dev)")
+    return build_eval_set(images, targets, part.label_names, task, teachers)
 
 
 def metric_value(scores: torch.Tensor, targets: torch.Tensor, task: str) -> float:

@@ -95,7 +95,7 @@ def reference_metrics(
 
     rule = cfg.amalgamation_config(seed=0, threads=None).union.rule
     _, teachers, union = load_teachers(cfg, teacher_dirs, rule)
-    ev = load_eval_set(cfg.dataset, teachers, cfg.task)
+    ev = load_eval_set(cfg.dataset, teachers, cfg.task, cfg.eval_split)
     metrics, scores = evaluate_model(TeacherEnsemble(teachers, union), ev)
     report = teachers.report()
     reference = {
@@ -339,7 +339,7 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None) -> JobResu
         amal = cfg.amalgamation_config(spec.seed, result.threads, spec.budget_minutes)
         device = pick_device(amal.device)
         bundles, teachers, union = load_teachers(cfg, spec.teacher_dirs, amal.union.rule)
-        ev = load_eval_set(cfg.dataset, teachers, cfg.task)
+        ev = load_eval_set(cfg.dataset, teachers, cfg.task, cfg.eval_split)
         ctx = JobContext(
             cfg=cfg,
             amal=amal,

@@ -103,6 +103,12 @@ def _budget_text(method: str, stats: dict[str, Any]) -> str:
 # --- the per-benchmark markdown -----------------------------------------------------------------------
 
 
+def _split_text(cfg: dict[str, Any]) -> str:
+    if cfg.get("eval_split", "test") == "dev":
+        return "**dev** images (a fixed subset of the training split, for tuning: not the reported numbers)"
+    return "real test images"
+
+
 def benchmark_markdown(data: dict[str, Any]) -> str:
     name, m = data["benchmark"], data["metric"]
     ref = data.get("reference", {})
@@ -116,7 +122,7 @@ def benchmark_markdown(data: dict[str, Any]) -> str:
     labels = data["label_set"]
     span = f"{labels[0]}..{labels[-1]}" if len(labels) > 3 else ", ".join(labels)
     lines += [
-        f"- **Y_cst**: {len(labels)} labels ({span}). Evaluated on {ref.get('test_images', '?')} real test images "
+        f"- **Y_cst**: {len(labels)} labels ({span}). Evaluated on {ref.get('test_images', '?')} {_split_text(cfg)} "
         f"of `{cfg['dataset']}` with labels in Y_cst; metric: {METRIC_NAME[m]} (%). A teacher column is the "
         + (
             "method on that teacher's labels only (its test images, argmax restricted to its labels)."

@@ -2,8 +2,9 @@
 
 Runs are keyed by ``(method, seed)``: a partial run adds its rows, a re-run replaces them, and every
 write is atomic. :func:`record_run` re-reads the file under a lock before it adds a row, so two
-invocations on the same benchmark (say, the baselines and dfka on different cores) keep each other's rows. When the *comparison key* changes (dataset, task, Y_cst, student, teacher recipes or weights),
-the old results no longer describe the same experiment: they are moved aside to
+invocations on the same benchmark (say, the baselines and dfka on different cores) keep each other's
+rows. When the *comparison key* changes (dataset, task, Y_cst, student, teacher recipes or weights,
+evaluation split), the old results no longer describe the same experiment: they are moved aside to
 ``<name>.stale-<timestamp>.json`` rather than mixed into the new table.
 
 CSV columns: ``benchmark, method, kind, seed, status``, the union metric (``union_acc`` or
@@ -56,6 +57,9 @@ def comparison_key(header: dict[str, Any]) -> str:
             n: [t.get("recipe_sha256"), t.get("weights_sha256")] for n, t in header["teachers"].items()
         },
     }
+    split = header["config"].get("eval_split", "test")
+    if split != "test":  # dev-split scores never mix with test-split ones (test keys stay as they were)
+        key["eval_split"] = split
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -64,8 +64,11 @@ def _with_overrides(
     methods: Sequence[str] | None,
     budget_minutes: float | None,
     reference_budget_minutes: float | None,
+    eval_split: str | None = None,
 ) -> BenchmarkConfig:
     raw = cfg.model_dump(by_alias=True, mode="json")
+    if eval_split is not None:
+        raw["eval_split"] = eval_split
     if seeds is not None:
         raw["seeds"] = list(seeds)
     if methods is not None:
@@ -97,6 +100,7 @@ def run_benchmark(
     reference_budget_minutes: float | None = None,
     jobs: int = 1,
     threads: int | None = None,
+    eval_split: str | None = None,
     mlflow: bool = True,
     experiment: str = EXPERIMENT,
     progress: bool = True,
@@ -105,12 +109,13 @@ def run_benchmark(
 
     ``budget_minutes`` overrides the data-free budget (and the reference budget unless the YAML or
     ``reference_budget_minutes`` sets it). Every job uses ``threads`` torch threads (default: the YAML's
-    ``threads``, else 1); with ``jobs > 1`` each job runs in its own worker process.
+    ``threads``, else 1); with ``jobs > 1`` each job runs in its own worker process. ``eval_split="dev"``
+    scores on a fixed subset of the training split instead of the test split (for tuning).
     """
     if jobs < 1:
         raise ConfigError(f"--jobs must be at least 1, got {jobs}")
     base = name_or_path if isinstance(name_or_path, BenchmarkConfig) else load_benchmark(name_or_path)
-    cfg = _with_overrides(base, seeds, methods, budget_minutes, reference_budget_minutes)
+    cfg = _with_overrides(base, seeds, methods, budget_minutes, reference_budget_minutes, eval_split)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     # One thread per job unless asked otherwise: independent 1-thread jobs use small CPUs best
@@ -239,7 +244,12 @@ def _start_tracker(cfg: BenchmarkConfig, machine: dict[str, Any], experiment: st
     tracker = Tracker.start(
         experiment,
         f"bench-{cfg.name}",
-        tags={"dfka.kind": "benchmark", "dfka.benchmark": cfg.name, "dfka.machine": describe(machine)},
+        tags={
+            "dfka.kind": "benchmark",
+            "dfka.benchmark": cfg.name,
+            "dfka.eval_split": cfg.eval_split,
+            "dfka.machine": describe(machine),
+        },
     )
     tracker.log_params({"benchmark": cfg.model_dump(by_alias=True, mode="json"), "machine": machine})
     return tracker
@@ -280,6 +290,7 @@ def _log_child(
             "kind": KIND.get(result.method, ""),
             "seed": result.seed,
             "dataset": cfg.dataset,
+            "eval_split": cfg.eval_split,
             "student": cfg.student,
             "target_labels": ",".join(cfg.label_set()),
             "teachers": ",".join(t.name for t in cfg.teachers),

@@ -29,6 +29,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--reference-budget-minutes", type=float, help="wall-clock for kd-real and layerwise")
     run.add_argument("--jobs", type=int, default=1, help="parallel worker processes, 1 torch thread each")
     run.add_argument("--threads", type=int, help="torch threads per job (default: the YAML's, else 1)")
+    run.add_argument(
+        "--eval-split",
+        choices=("test", "dev"),
+        help="score final models on the test split (default) or on a fixed dev subset of the training "
+        "split, for tuning without touching the test split (use another --out)",
+    )
     run.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     run.add_argument("--experiment", default="dfka-bench", help="MLflow experiment (default dfka-bench)")
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -84,6 +90,7 @@ def _run(args: argparse.Namespace) -> int:
         reference_budget_minutes=args.reference_budget_minutes,
         jobs=args.jobs,
         threads=args.threads,
+        eval_split=args.eval_split,
         mlflow=not args.no_mlflow,
         experiment=args.experiment,
         progress=not args.no_progress,
