@@ -7,7 +7,7 @@ import torch
 
 from dfka.amalgamation.config import AmalgamationConfig
 from dfka.amalgamation.regroup import TargetNet
-from dfka.amalgamation.run import amalgamate, build_student, teacher_set_from_bundles
+from dfka.amalgamation.run import amalgamate, build_student, remaining_budget, teacher_set_from_bundles
 from dfka.amalgamation.samples import SampleBank, Sampler
 from dfka.amalgamation.stage1 import AmalgamatingGAN, GanTrainer
 from dfka.amalgamation.stage2 import BlockTrainer, DualGenerator
@@ -313,3 +313,32 @@ def test_bn_statistics_term_matches_the_definition() -> None:
             expected = expected + (mean - layer.running_mean).norm() + (var - layer.running_var).norm()
         h = layer(h)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+# --- wall-clock budgets -----------------------------------------------------------------------------
+
+
+def test_total_budget_covers_the_export() -> None:
+    """Stages 2 and 3 get what stage 1 and the export left of ``budget_minutes``, in their split ratio."""
+    cfg = AmalgamationConfig(budget_minutes=10)  # split 40/30/30: 240 s, 180 s, 180 s
+    assert cfg.blocks.budget.seconds == pytest.approx(180) and cfg.regroup.finetune.seconds == pytest.approx(
+        180
+    )
+    after = remaining_budget(cfg, spent=240 + 60)  # an export of 60 s comes out of stages 2 and 3
+    assert after.blocks.budget.seconds == pytest.approx(150)
+    assert after.regroup.finetune.seconds == pytest.approx(150)
+    assert cfg.blocks.budget.seconds == pytest.approx(180)  # the caller's config is left alone
+    no_ft = AmalgamationConfig(budget_minutes=10, regroup={"finetune": None})
+    assert remaining_budget(no_ft, spent=300).blocks.budget.seconds == pytest.approx(300)
+    assert remaining_budget(no_ft, spent=900).blocks.budget.seconds == pytest.approx(1.0)
+    steps = tiny_config()
+    assert remaining_budget(steps, spent=1e6) == steps  # step budgets are not time budgets
+
+
+def test_amalgamate_ends_within_its_wall_clock_budget(pair) -> None:
+    """A bank larger than the GAN's trajectory makes the export top it up; that time is in the budget."""
+    cfg = tiny_config(budget_minutes=0.2, export={"samples": 100000, "shard_size": 25000})
+    result = amalgamate(pair, cfg, progress=False)
+    seconds = {k: s.seconds for k, s in result.stages.items()}
+    assert seconds["export"] > 1.5, seconds  # the top-up took real time (about 3 s here) ...
+    assert sum(seconds.values()) < 12.0 + 1.0, seconds  # ... inside the 12 s, not on top of them

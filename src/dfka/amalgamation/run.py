@@ -279,6 +279,26 @@ def _split(budget: Budget, shares: Sequence[float]) -> list[Budget]:
     return [Budget(seconds=budget.seconds * s / total) for s in shares]
 
 
+def remaining_budget(cfg: AmalgamationConfig, spent: float) -> AmalgamationConfig:
+    """Under a total wall-clock budget (``budget_minutes``), give stages 2 and 3 what stage 1 and the
+    export left, in their ``budget_split`` ratio. The export (topping the trajectory bank up from the
+    final generator, routing calibration) has no share of its own, so without this its time would come
+    on top of the budget: on 56x56 mosaics at a 2-minute budget it took 97 s. Step budgets are untouched."""
+    if cfg.budget_minutes is None:
+        return cfg
+    left = max(0.0, 60 * cfg.budget_minutes - spent)
+    shares = {"blocks": cfg.budget_split.get("blocks", 0.0)}
+    if cfg.regroup.finetune is not None:
+        shares["finetune"] = cfg.budget_split.get("finetune", 0.0)
+    total = sum(shares.values()) or 1.0
+    out = cfg.model_copy(deep=True)
+    # at least one second each, so that every stage still runs (and reports) when the budget is gone
+    out.blocks.budget = Budget(seconds=max(1.0, left * shares["blocks"] / total))
+    if "finetune" in shares:
+        out.regroup.finetune = Budget(seconds=max(1.0, left * shares["finetune"] / total))
+    return out
+
+
 @dataclass
 class AmalgamationResult:
     targetnet: TargetNet
@@ -310,6 +330,7 @@ def amalgamate(
     if cfg.union.routing != "none":
         with data_free("routing calibration"):
             stages["export"].extra["routing"] = calibrate_routing(union, bank)
+    cfg = remaining_budget(cfg, stages["gan"].seconds + stages["export"].seconds)
     channels = {level: shape[0] for level, shape in enumerate(gan.generator_level_shapes())}
     dual, stages["blocks"] = train_blocks(
         teachers, union, bank, cfg, channels, device=device, on_metrics=on_metrics, progress=progress
