@@ -407,3 +407,14 @@ def test_mlflow_parent_and_children_with_identical_keys(stack_env, tiny_yaml: Pa
         assert final <= set(child.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(parents[0].info.run_id)}
     assert {"tiny.csv", "tiny.md", "tiny-accuracy-vs-time.png"} <= artifacts
+
+
+def test_machine_line_names_each_setup_once_with_the_load_range() -> None:
+    from dfka.bench.machine import describe_all
+
+    base = {"cpu": "Test CPU", "cores": 2, "device": "cpu", "torch": "2.x", "threads": 1}
+    runs = [base | {"jobs": 2, "load_average": 1.2}, base | {"jobs": 2, "load_average": 1.9}]
+    line = describe_all([*runs, base | {"jobs": 1, "load_average": 2.0}])
+    assert line.count("Test CPU") == 2 and "× 2 parallel jobs" in line
+    assert line.endswith("load 1.2–2 at the runs' start")
+    assert describe_all(runs[:1]).endswith("load 1.2 at start") and describe_all([]) == "unknown"

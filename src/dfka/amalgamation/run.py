@@ -148,14 +148,16 @@ def sample_bank(
     with data_free("synthetic sample export"):
         start = time.perf_counter()
         parts = [trajectory] if trajectory is not None and cfg.export.source == "trajectory" else []
-        missing = cfg.export.samples - sum(len(p) for p in parts)
+        kept = sum(len(p) for p in parts)
+        missing = max(0, cfg.export.samples - kept)
         if missing > 0:
             sampler = Sampler(gan, seed=cfg.seed + 1, batch_size=512, device=device)
             dtype = torch.float16 if cfg.export.dtype == "float16" else torch.float32
             parts.append(SampleBank.generate(sampler, missing, dtype=dtype, progress=progress))
         bank = SampleBank.concat(parts)
     seconds = time.perf_counter() - start
-    return bank, StageReport(seconds, samples=len(bank))
+    # samples = what this stage generated (its throughput); the bank also holds the trajectory's
+    return bank, StageReport(seconds, samples=missing, extra={"bank": len(bank), "from_trajectory": kept})
 
 
 def train_blocks(

@@ -66,14 +66,26 @@ def machine_info(threads: int | None = None, jobs: int = 1) -> dict[str, Any]:
     }
 
 
-def describe(machine: dict[str, Any]) -> str:
+def describe(machine: dict[str, Any], load: bool = True) -> str:
     """One line: ``Intel(R) Xeon(R) Processor, 2 cores, cpu, torch 2.13.0, 1 thread(s)/job × 2 parallel
     jobs, load 0.1 at start`` (a load near the core count means the timings were shared with others)."""
     jobs = machine.get("jobs", 1)
     par = f" × {jobs} parallel jobs" if jobs and jobs > 1 else ""
-    load = machine.get("load_average")
-    busy = f", load {load:g} at start" if load is not None else ""
+    avg = machine.get("load_average")
+    busy = f", load {avg:g} at start" if load and avg is not None else ""
     return (
         f"{machine.get('cpu', '?')}, {machine.get('cores', '?')} cores, {machine.get('device', 'cpu')}, "
         f"torch {machine.get('torch', '?')}, {machine.get('threads', '?')} thread(s)/job{par}{busy}"
     )
+
+
+def describe_all(machines: list[dict[str, Any]]) -> str:
+    """Several runs' machines in one line: each distinct setup once, then the range of load averages."""
+    if not machines:
+        return "unknown"
+    text = "; ".join(dict.fromkeys(describe(m, load=False) for m in machines))
+    loads = [m["load_average"] for m in machines if m.get("load_average") is not None]
+    if loads:
+        low, high = min(loads), max(loads)
+        text += f"; load {low:g} at start" if low == high else f"; load {low:g}–{high:g} at the runs' start"
+    return text

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from dfka.bench.config import DATA_FREE, KIND, METHODS, WITH_DATA
-from dfka.bench.machine import describe
+from dfka.bench.machine import describe_all
 from dfka.bench.results import atomic_write, csv_path, json_path, load_results, sorted_runs, write_csv
 from dfka.errors import ConfigError
 
@@ -134,7 +134,7 @@ def benchmark_markdown(data: dict[str, Any]) -> str:
         f"{', '.join(WITH_DATA)} learn from real unlabeled training images and are references, not competitors.",
         "- **Wall-clock** counts training stages only (teacher training and evaluation are excluded; dfka's "
         "includes its sample export and regroup). `agreement`: how often the model predicts what the ensemble does.",
-        f"- **Machine**: {describe(machine)}; updated {data.get('updated', '?')}"
+        f"- **Machine**: {_machines([data])}; updated {data.get('updated', '?')}"
         + (f"; code {machine['git']}" if machine.get("git") else "")
         + ".",
         "",
@@ -282,7 +282,7 @@ def plot_accuracy_vs_time(data: dict[str, Any], path: Path) -> Path:
     ax.set_title(f"{data['benchmark']}: final models, mean ± std over {n} seed(s)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
-    fig.text(0.01, 0.01, describe(data.get("machine", {})), fontsize=6, color="0.4")
+    fig.text(0.01, 0.01, _machines([data]), fontsize=6, color="0.4")
     fig.tight_layout(rect=(0, 0.03, 1, 1))
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -386,7 +386,9 @@ def headline_table(datas: list[dict[str, Any]], link_prefix: str = "") -> str:
 
 
 def _machines(datas: list[dict[str, Any]]) -> str:
-    return "; ".join(dict.fromkeys(describe(d.get("machine", {})) for d in datas)) or "unknown"
+    """The machines the shown runs ran on (each run keeps its own record; the header only the last's)."""
+    machines = [r["machine"] for d in datas for r in d.get("runs", {}).values() if r.get("machine")]
+    return describe_all(machines or [d.get("machine", {}) for d in datas])
 
 
 def _dates(datas: list[dict[str, Any]]) -> str:
