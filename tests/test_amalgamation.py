@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from dfka.amalgamation.config import AmalgamationConfig
+from dfka.amalgamation.losses import total_variation
 from dfka.amalgamation.regroup import TargetNet
 from dfka.amalgamation.run import amalgamate, build_student, remaining_budget, teacher_set_from_bundles
 from dfka.amalgamation.samples import SampleBank, Sampler
@@ -313,6 +314,27 @@ def test_bn_statistics_term_matches_the_definition() -> None:
             expected = expected + (mean - layer.running_mean).norm() + (var - layer.running_var).norm()
         h = layer(h)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_total_variation_prior() -> None:
+    flat = torch.full((2, 1, 6, 6), 0.3)
+    assert float(total_variation(flat)) == 0.0
+    stripes = flat.clone()
+    stripes[..., ::2] = 0.8  # vertical stripes: |Δw| = 0.5 everywhere, Δh = 0
+    assert float(total_variation(stripes)) == pytest.approx(0.5)
+
+
+def test_tv_term_is_in_the_stage1_loss_only_when_weighted(pair) -> None:
+    teachers = teacher_set_from_bundles(pair, None)
+    z = torch.randn(8, 100)
+    off = AmalgamatingGAN(teachers, UnionRule(teachers), tiny_config().gan)
+    assert "tv" not in off.losses(z)[0]
+    on = AmalgamatingGAN(teachers, UnionRule(teachers), tiny_config(gan={"loss": {"tv": 2.0}}).gan)
+    parts, batch = on.losses(z)
+    assert float(parts["tv"]) == pytest.approx(float(total_variation(batch.image)))
+    image_group = on.generator.groups[-1].body[-2]  # the conv that makes the pixels
+    torch.autograd.backward(parts["tv"])
+    assert image_group.weight.grad is not None and torch.any(image_group.weight.grad != 0)
 
 
 # --- wall-clock budgets -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ class _Strict(BaseModel):
 
 
 class GanLoss(_Strict):
-    """Weights of the stage-1 loss L = L_oh + α·L_a + β·L_ie + γ·L_dis + consistency + bn + adv."""
+    """Weights of the stage-1 loss L = L_oh + α·L_a + β·L_ie + γ·L_dis + consistency + bn + adv + tv."""
 
     oh: float = Field(1.0, ge=0)
     a: float = Field(0.1, ge=0, description="α, activation loss")
@@ -26,11 +26,12 @@ class GanLoss(_Strict):
     consistency: float = Field(1.0, ge=0, description="Eq. 11: intermediate levels agree with the image")
     bn: float = Field(1.0, ge=0, description="BatchNorm-statistics matching (not in the paper)")
     adv: float = Field(0.0, ge=0, description="adversarial student-teacher discrepancy (not in the paper)")
+    tv: float = Field(0.0, ge=0, description="total-variation image prior (DeepInversion; not in the paper)")
 
     def weighted(self, parts: dict[str, Any]) -> Any:
         """Σ weight · part over the terms present in ``parts``, summed in a fixed order (a method without
         consistency or adversarial terms, like the DAFL baseline, simply leaves them out)."""
-        order = ("oh", "a", "ie", "dis", "bn", "consistency", "adv")
+        order = ("oh", "a", "ie", "dis", "bn", "consistency", "adv", "tv")
         terms = [getattr(self, name) * parts[name] for name in order if name in parts]
         total = terms[0]
         for term in terms[1:]:

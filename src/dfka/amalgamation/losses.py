@@ -11,6 +11,7 @@ term        multi-class teacher                                          multi-l
 ``dis``     entropy of the teacher-ownership distribution (few owners)   :math:`\\frac1C \\sum_i |y_i|` (sparsity)
 ``a``       :math:`-\\operatorname{mean}|f|`                               same
 ``bn``      :math:`\\sum_\\ell \\|\\mu_\\ell - \\hat\\mu_\\ell\\|_2 + \\|\\sigma^2_\\ell - \\hat\\sigma^2_\\ell\\|_2` over every teacher BN layer
+``tv``      :math:`\\operatorname{mean}|\\nabla_h x| + \\operatorname{mean}|\\nabla_w x|` (image prior)  same
 ==========  ===========================================================  ====================================
 """
 
@@ -59,6 +60,16 @@ def ownership_entropy(logits: Iterable[torch.Tensor]) -> torch.Tensor:
     q = F.softmax(energies, 1)
     entropy = -(q * torch.log(q + 1e-8)).sum(1).mean()
     return entropy / math.log(max(2, q.shape[1]))
+
+
+def total_variation(image: torch.Tensor) -> torch.Tensor:
+    """Anisotropic L1 total variation, the image prior of DeepInversion (Yin et al. 2020):
+    :math:`\\operatorname{mean}|x_{i+1,j}-x_{i,j}| + \\operatorname{mean}|x_{i,j+1}-x_{i,j}|`. Real images are
+    piecewise smooth; without it the generator is free to use high-frequency patterns that the teachers
+    score confidently and that no real image has."""
+    dh = (image[:, :, 1:, :] - image[:, :, :-1, :]).abs().mean()
+    dw = (image[:, :, :, 1:] - image[:, :, :, :-1]).abs().mean()
+    return dh + dw
 
 
 def activation_loss(features: Iterable[torch.Tensor]) -> torch.Tensor:

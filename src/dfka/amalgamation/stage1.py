@@ -43,6 +43,7 @@ from dfka.amalgamation.losses import (
     onehot_loss,
     ownership_entropy,
     sparsity_loss,
+    total_variation,
 )
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
@@ -167,6 +168,8 @@ class AmalgamatingGAN(nn.Module):
             parts["adv"] = -(self.student(image) - scores).abs().mean()
         else:
             parts["adv"] = zero
+        if self.cfg.loss.tv > 0:
+            parts["tv"] = total_variation(image)
         levels = {self.generator.level_of_group(j): feats[j - 1] for j in range(1, blocks)}
         return parts, SampleBatch(z, image, levels, logits)
 
