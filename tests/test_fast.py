@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfka.amalgamation import fast
-from dfka.amalgamation.losses import BNStatsRecorder
+from dfka.amalgamation.losses import BNStatsRecorder, RoutedBNStats
 from dfka.amalgamation.regroup import FinetuneTrainer, TargetNet
 from dfka.amalgamation.run import build_student, teacher_set_from_bundles
 from dfka.amalgamation.samples import SampleBank, Sampler
@@ -102,6 +102,53 @@ def test_bn_term_from_folded_layers_equals_the_unfolded_one(pair, dtype: torch.d
     finally:
         for t in teachers:
             t.float()
+
+
+def routed_bn_term(models: dict, x: torch.Tensor, weights: dict | None) -> torch.Tensor:
+    recorder = RoutedBNStats(models)
+    recorder.active = True
+    for m in models.values():
+        m(x)
+    term = recorder.pop(weights)
+    recorder.remove()
+    return term
+
+
+@pytest.mark.parametrize("path", ["reference", "fast"])
+def test_owner_routed_bn_term_matches_its_definition(pair, path: str) -> None:
+    """Uniform weights give the batch term exactly; one-hot ownership gives each teacher's BN term on
+    the samples it owns, scaled by its share of the batch; folded compute copies agree with the teachers."""
+    teachers = {b.name: b.model for b in pair}
+    models = teachers if path == "reference" else {n: fast.compute_copy(t) for n, t in teachers.items()}
+    x = torch.rand(24, 1, SIZE, SIZE, requires_grad=True)
+    with fast.reference_path(path == "reference"):
+        batch = bn_term(list(models.values()), x)
+        uniform = routed_bn_term(models, x, None)
+        torch.testing.assert_close(uniform, batch, rtol=1e-5, atol=1e-5)
+        owner_a = torch.zeros(24)
+        owner_a[:8] = 1.0  # teacher a owns the first 8 samples, b the other 16
+        weights = {"a": 2 * owner_a, "b": 2 * (1 - owner_a)}  # M·q, mean 1 over the batch
+        got = routed_bn_term(models, x, weights)
+        expected = (8 / 24 * 2) * bn_term([models["a"]], x[:8]) + (16 / 24 * 2) * bn_term(
+            [models["b"]], x[8:]
+        )
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
+    (grad,) = torch.autograd.grad(got, x)
+    assert torch.any(grad[:8] != 0) and torch.any(grad[8:] != 0)
+
+
+def test_stage1_routes_the_bn_term_by_ownership(pair) -> None:
+    teachers = teacher_set_from_bundles(pair, None)
+    gan = AmalgamatingGAN(teachers, UnionRule(teachers), tiny_config(gan={"bn_routing": "owner"}).gan)
+    assert isinstance(gan.bn_stats, RoutedBNStats)
+    logits = {
+        "a": torch.tensor([[9.0, 0, 0, 0], [0, 0, 0, 0]]),
+        "b": torch.tensor([[0.0, 0, 0, 0], [0, 0, 9, 0]]),
+    }
+    w = gan.bn_weights(logits)
+    assert w["a"][0] > 1.99 and w["b"][1] > 1.99 and torch.allclose(w["a"] + w["b"], torch.full((2,), 2.0))
+    parts, _ = gan.losses(torch.randn(8, 100))
+    assert parts["bn"].requires_grad and float(parts["bn"]) > 0
 
 
 def test_a_bn_with_tiny_gamma_is_kept_unfolded() -> None:

@@ -62,6 +62,10 @@ class GanConfig(_Strict):
     lr: float = Field(5e-3, gt=0, description="Adam, betas (0.5, 0.999), cosine decay")
     budget: Budget = Budget(steps=2000)
     loss: GanLoss = GanLoss()
+    bn_routing: Literal["batch", "owner"] = Field(
+        "batch",
+        description="BN-statistics matching over the whole batch, or per teacher over the samples it owns",
+    )
     adv_student_steps: int = Field(
         1, ge=1, description="proxy-student KD steps per generator step when adv > 0"
     )

@@ -17,6 +17,7 @@ term        multi-class teacher                                          multi-l
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterable, Mapping
 
@@ -50,14 +51,17 @@ def sparsity_loss(z: torch.Tensor) -> torch.Tensor:
     return torch.sigmoid(z).mean()
 
 
-def ownership_entropy(logits: Iterable[torch.Tensor]) -> torch.Tensor:
-    """Multi-class L_dis: the entropy (in [0, 1], base M) of which teacher claims each sample.
-
-    Teacher ``m``'s claim on a sample is its share of the union softmax,
-    :math:`q_m \\propto \\exp\\operatorname{logsumexp}(z_m)`.
-    """
+def ownership(logits: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``(N, M)``: each teacher's claim on each sample, its share of the union softmax,
+    :math:`q_m \\propto \\exp\\operatorname{logsumexp}(z_m)`."""
     energies = torch.stack([torch.logsumexp(z, 1) for z in logits], 1)
-    q = F.softmax(energies, 1)
+    return F.softmax(energies, 1)
+
+
+def ownership_entropy(logits: Iterable[torch.Tensor]) -> torch.Tensor:
+    """Multi-class L_dis: the entropy (in [0, 1], base M) of which teacher claims each sample
+    (:func:`ownership`)."""
+    q = ownership(logits)
     entropy = -(q * torch.log(q + 1e-8)).sum(1).mean()
     return entropy / math.log(max(2, q.shape[1]))
 
@@ -85,25 +89,28 @@ class BNStatsRecorder:
     data-free methods, and the model card says so.
     """
 
-    def __init__(self, modules: Iterable[nn.Module]):
+    def __init__(self, modules: Iterable[nn.Module] | Mapping[str, nn.Module]):
         self.active = False
         self.terms: list[torch.Tensor] = []
         self._handles = []
         # fast path: one-pass backward for the moments; BNs folded into their conv (fast.compute_copy)
         # report their input's statistics from the folded output
         self._fast = fast.enabled()
-        for module in modules:
+        named = modules.items() if isinstance(modules, Mapping) else ((None, m) for m in modules)
+        for key, module in named:
             for m in module.modules():
                 if isinstance(m, fast.FoldedBatchNorm) or (
                     isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
                 ):
-                    self._handles.append(m.register_forward_hook(self._hook))
+                    self._handles.append(m.register_forward_hook(functools.partial(self._hook, key)))
 
     @property
     def num_layers(self) -> int:
         return len(self._handles)
 
-    def _hook(self, module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor):
+    def _hook(
+        self, _key: str | None, module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor
+    ):
         if not self.active:
             return
         x = inputs[0]
@@ -133,6 +140,53 @@ class BNStatsRecorder:
         for h in self._handles:
             h.remove()
         self._handles = []
+
+
+class RoutedBNStats(BNStatsRecorder):
+    """BatchNorm-statistics matching routed by ownership: teacher ``m``'s BN layers are matched on the
+    samples that teacher ``m`` claims, weighted by its claim :math:`q_m` (:func:`ownership`, detached).
+
+    .. math::  L_{bn} = \\sum_m \\bar w_m \\sum_{\\ell \\in m} \\|\\mu^w_\\ell - \\hat\\mu_\\ell\\|_2
+               + \\|\\sigma^{2,w}_\\ell - \\hat\\sigma^2_\\ell\\|_2,
+               \\qquad w_{i,m} = M q_{i,m},\\quad \\mu^w = \\frac{\\sum_i w_{i,m}\\,\\mu_i}{\\sum_i w_{i,m}}
+
+    where :math:`\\mu_i` are sample ``i``'s per-channel moments (over H, W). A teacher's running statistics
+    describe *its* training images: a digit teacher's and a garment teacher's cannot both be matched by
+    one mixed batch, but each can be matched by the samples it owns. With uniform weights (one teacher,
+    or multi-label teachers that all see every image) this is the plain batch term.
+
+    Hooks record per-sample moments; :meth:`pop` takes the weights, which only exist once the teachers
+    have scored the batch.
+    """
+
+    def _hook(self, key: str | None, module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor):
+        if not self.active:
+            return
+        x = inputs[0]
+        spatial = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)
+        self.terms.append((key, module, spatial.mean(2), (spatial * spatial).mean(2)))  # type: ignore[arg-type]
+
+    def pop(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """The routed term since the last call; ``weights[name]`` (N,) per teacher, missing = uniform."""
+        total: torch.Tensor | None = None
+        for key, module, m, q in self.terms:  # type: ignore[misc]
+            w = (weights or {}).get(key)
+            if w is None:
+                share, mean, sq = 1.0, m.mean(0), q.mean(0)
+            else:
+                share = w.mean()
+                norm = w / w.sum().clamp_min(1e-6)
+                mean, sq = norm @ m, norm @ q
+            var = (sq - mean * mean).clamp_min(0)
+            if isinstance(module, fast.FoldedBatchNorm):  # moments of the folded output y = s·x + t
+                mean, var = (mean - module.shift) / module.scale, var / (module.scale * module.scale)
+            term = share * (
+                torch.linalg.vector_norm(mean - module.running_mean)
+                + torch.linalg.vector_norm(var - module.running_var)
+            )
+            total = term if total is None else total + term
+        self.terms = []
+        return total if total is not None else torch.zeros(())
 
 
 class InputRecorder:

@@ -38,9 +38,11 @@ from dfka.amalgamation.generator import GroupStackGenerator
 from dfka.amalgamation.losses import (
     BNStatsRecorder,
     InputRecorder,
+    RoutedBNStats,
     activation_loss,
     info_entropy_loss,
     onehot_loss,
+    ownership,
     ownership_entropy,
     sparsity_loss,
     total_variation,
@@ -121,7 +123,12 @@ class AmalgamatingGAN(nn.Module):
             )
         # what runs: the teachers' compute copies on the fast path (fast.py), the teachers otherwise
         self.compute = teachers.compute_models()
-        self.bn_stats = BNStatsRecorder(self.compute.values()) if cfg.loss.bn > 0 else None
+        self.bn_stats: BNStatsRecorder | None = None
+        if cfg.loss.bn > 0:
+            routed = cfg.bn_routing == "owner"
+            self.bn_stats = RoutedBNStats(self.compute) if routed else BNStatsRecorder(self.compute.values())
+        # the multi-class teachers, whose ownership of a sample routes the BN term
+        self.claimants = [n for n in teachers.names if teachers.infos[n].task == "multiclass"]
         self.pre_head = InputRecorder({name: model.head for name, model in self.compute.items()})
         # DFAD-style proxy student, only when the adversarial term is on.
         self.student = student if cfg.loss.adv > 0 else None
@@ -146,7 +153,10 @@ class AmalgamatingGAN(nn.Module):
         parts, scores = generator_terms(self.teachers, self.union, logits, pre_head)
         mc = self.union.multiclass_mask
         zero = scores.new_zeros(())
-        parts["bn"] = self.bn_stats.pop() if self.bn_stats is not None else zero
+        if isinstance(self.bn_stats, RoutedBNStats):
+            parts["bn"] = self.bn_stats.pop(self.bn_weights(logits))
+        else:
+            parts["bn"] = self.bn_stats.pop() if self.bn_stats is not None else zero
 
         blocks = self.teachers.num_blocks
         if blocks > 1:
@@ -172,6 +182,15 @@ class AmalgamatingGAN(nn.Module):
             parts["tv"] = total_variation(image)
         levels = {self.generator.level_of_group(j): feats[j - 1] for j in range(1, blocks)}
         return parts, SampleBatch(z, image, levels, logits)
+
+    @torch.no_grad()
+    def bn_weights(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-sample weights of each multi-class teacher's BN term: ``M·q_m`` (mean 1 when the batch
+        is shared evenly). Multi-label teachers see every image, so theirs stay uniform."""
+        if len(self.claimants) < 2:
+            return {}
+        q = ownership([self.teachers.select(n, logits[n]) for n in self.claimants])
+        return {n: q[:, i] * len(self.claimants) for i, n in enumerate(self.claimants)}
 
     def weighted(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.cfg.loss.weighted(parts)
