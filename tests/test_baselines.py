@@ -11,6 +11,7 @@ from dfka.amalgamation.config import AmalgamationConfig, Budget
 from dfka.amalgamation.run import build_student, teacher_set_from_bundles
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.baselines import (
+    DaflConfig,
     LayerwiseAmalgamator,
     LayerwiseConfig,
     NoiseSource,
@@ -141,6 +142,31 @@ def test_every_baseline_beats_a_random_student_and_keeps_teachers_frozen(method,
     )
     assert trained > baseline + 0.1, (method, trained, baseline)
     assert trained_loss < 0.8 * random_loss, (method, trained_loss, random_loss)
+
+
+def test_dafl_bn_routing_option_for_the_routing_ablation(setup) -> None:
+    """``baselines.dafl.bn_routing: owner`` gives DAFL dfka's owner-routed BN term; the default keeps
+    the baseline's batch term (so the two differ from the first step on)."""
+    _, teachers, union = setup
+    cfg = config()
+    runs = {}
+    for routing in ("batch", "owner"):
+        torch.manual_seed(0)
+        student, _, report = train_dafl(
+            teachers,
+            union,
+            cfg,
+            Budget(steps=5),
+            device=CPU,
+            progress=False,
+            options=DaflConfig(bn_routing=routing),
+        )
+        assert report.extra["dafl.bn"] > 0
+        runs[routing] = (student.state_dict(), report.extra["dafl.bn"])
+    assert runs["batch"][1] != runs["owner"][1]
+    torch.manual_seed(0)
+    default, _, _ = train_dafl(teachers, union, cfg, Budget(steps=5), device=CPU, progress=False)
+    assert all(torch.equal(v, runs["batch"][0][k]) for k, v in default.state_dict().items())
 
 
 # --- the data-free guard ---------------------------------------------------------------------------

@@ -17,7 +17,7 @@ applied to the teachers' logits. The data-free ones run inside :func:`dfka.data.
 
 from __future__ import annotations
 
-from dfka.baselines.dafl import PlainGenerator, train_dafl
+from dfka.baselines.dafl import DaflConfig, PlainGenerator, train_dafl
 from dfka.baselines.dfad import DfadConfig, train_dfad
 from dfka.baselines.ensemble import TeacherEnsemble, build_ensemble, teacher_logits, union_targets
 from dfka.baselines.kd_real import KDRealConfig, train_kd_real
@@ -25,6 +25,7 @@ from dfka.baselines.layerwise import LayerwiseAmalgamator, LayerwiseConfig, trai
 from dfka.baselines.noise import NoiseConfig, NoiseSource, train_noise
 
 __all__ = [
+    "DaflConfig",
     "DfadConfig",
     "KDRealConfig",
     "LayerwiseAmalgamator",

@@ -11,18 +11,33 @@ teachers run once per step: their scores feed both the generator loss and the st
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dfka.amalgamation import fast
 from dfka.amalgamation.config import AmalgamationConfig, Budget
 from dfka.amalgamation.engine import cosine_lr, run_loop, set_lr
-from dfka.amalgamation.losses import BNStatsRecorder, InputRecorder
+from dfka.amalgamation.losses import BNStatsRecorder, InputRecorder, RoutedBNStats, ownership
 from dfka.amalgamation.run import MetricsCallback, StageReport, build_student
 from dfka.amalgamation.stage1 import generator_terms
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.data.guard import data_free
+
+
+class DaflConfig(BaseModel):
+    """Options of the DAFL baseline (the rest it shares with dfka's ``amalgamation:`` config)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bn_routing: Literal["batch", "owner"] = Field(
+        "batch",
+        description="batch: BN matching over the whole batch (the baseline's recipe); owner: dfka's "
+        "owner-routed matching, for the ablation that separates routing from the rest of dfka",
+    )
 
 
 class PlainGenerator(nn.Module):
@@ -64,8 +79,10 @@ def train_dafl(
     device: torch.device,
     on_metrics: MetricsCallback | None = None,
     progress: bool = True,
+    options: DaflConfig | None = None,
 ) -> tuple[nn.Module, PlainGenerator, StageReport]:
     """Train generator and student jointly for ``budget``; return the student and the generator."""
+    options = options or DaflConfig()
     with data_free("DAFL baseline"):
         torch.manual_seed(cfg.seed)
         generator = PlainGenerator(teachers.input_shape, cfg.gan.latent_dim).to(device)
@@ -78,7 +95,11 @@ def train_dafl(
         adam = fast.adam_options(device)
         opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.gan.lr, betas=(0.5, 0.999), **adam)
         opt_s = torch.optim.Adam(student.parameters(), lr=cfg.blocks.lr, **adam)
-        bn = BNStatsRecorder(compute.values()) if cfg.gan.loss.bn > 0 else None
+        routed = options.bn_routing == "owner"
+        bn: BNStatsRecorder | None = None
+        if cfg.gan.loss.bn > 0:
+            bn = RoutedBNStats(compute) if routed else BNStatsRecorder(compute.values())
+        claimants = [n for n in teachers.names if teachers.infos[n].task == "multiclass"]
         heads = InputRecorder({n: m.head for n, m in compute.items()})
         rng = torch.Generator().manual_seed(cfg.seed)
         w = cfg.gan.loss
@@ -97,7 +118,12 @@ def train_dafl(
             if bn is not None:
                 bn.active = False
             parts, scores = generator_terms(teachers, union, logits, dict(heads.values))
-            parts["bn"] = bn.pop() if bn is not None else scores.new_zeros(())
+            if isinstance(bn, RoutedBNStats) and len(claimants) > 1:
+                with torch.no_grad():
+                    q = ownership([teachers.select(n, logits[n]) for n in claimants])
+                parts["bn"] = bn.pop({n: q[:, i] * len(claimants) for i, n in enumerate(claimants)})
+            else:
+                parts["bn"] = bn.pop() if bn is not None else scores.new_zeros(())
             loss_g = w.weighted(parts)  # oh, a, ie, dis, bn: no consistency or adversarial term
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()

@@ -20,7 +20,7 @@ method names, unknown labels and impossible values are rejected with a message n
     reference_budget_minutes: null  # kd-real / layerwise; null = budget_minutes
     eval_split: test                # dev: score on a fixed subset of the training split (for tuning)
     amalgamation: {}                # AmalgamationConfig overrides (not student/seed/threads/budget)
-    baselines: {dfad: {}, noise: {}, kd-real: {}, layerwise: {}}
+    baselines: {dafl: {}, dfad: {}, noise: {}, kd-real: {}, layerwise: {}}
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from dfka.amalgamation.config import AmalgamationConfig
+from dfka.baselines.dafl import DaflConfig
 from dfka.baselines.dfad import DfadConfig
 from dfka.baselines.kd_real import KDRealConfig
 from dfka.baselines.layerwise import LayerwiseConfig
@@ -61,10 +62,11 @@ BENCH_ENV = "DFKA_BENCHMARKS"
 
 
 class BaselineOptions(BaseModel):
-    """Per-baseline options (DAFL's live in ``amalgamation:``, the configuration it shares with dfka)."""
+    """Per-baseline options (DAFL shares the rest of dfka's ``amalgamation:`` configuration)."""
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
+    dafl: DaflConfig = DaflConfig()
     dfad: DfadConfig = DfadConfig()
     noise: NoiseConfig = NoiseConfig()
     kd_real: KDRealConfig = Field(default_factory=KDRealConfig, alias="kd-real")

@@ -218,6 +218,7 @@ def _dafl(ctx: JobContext) -> Trained:
         device=ctx.device,
         on_metrics=ctx.on_metrics,
         progress=ctx.progress,
+        options=ctx.cfg.baselines.dafl,
     )
     return Trained(student, {"train": report}, generator_samples(gen, ctx.amal.gan.latent_dim))
 
