@@ -63,8 +63,9 @@ class GanConfig(_Strict):
     budget: Budget = Budget(steps=2000)
     loss: GanLoss = GanLoss()
     bn_routing: Literal["batch", "owner"] = Field(
-        "batch",
-        description="BN-statistics matching over the whole batch, or per teacher over the samples it owns",
+        "owner",
+        description="BN-statistics matching per teacher over the samples it owns (default), or over the "
+        "whole batch (DeepInversion's, single-teacher form)",
     )
     adv_student_steps: int = Field(
         1, ge=1, description="proxy-student KD steps per generator step when adv > 0"
