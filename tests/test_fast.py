@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfka.amalgamation import fast
-from dfka.amalgamation.losses import BNStatsRecorder, RoutedBNStats
+from dfka.amalgamation.losses import BNStatsRecorder, RoutedBNStats, owner_weights
 from dfka.amalgamation.regroup import FinetuneTrainer, TargetNet
 from dfka.amalgamation.run import build_student, teacher_set_from_bundles
 from dfka.amalgamation.samples import SampleBank, Sampler
@@ -145,7 +145,7 @@ def test_stage1_routes_the_bn_term_by_ownership(pair) -> None:
         "a": torch.tensor([[9.0, 0, 0, 0], [0, 0, 0, 0]]),
         "b": torch.tensor([[0.0, 0, 0, 0], [0, 0, 9, 0]]),
     }
-    w = gan.bn_weights(logits)
+    w = owner_weights(teachers, logits)
     assert w["a"][0] > 1.99 and w["b"][1] > 1.99 and torch.allclose(w["a"] + w["b"], torch.full((2,), 2.0))
     parts, _ = gan.losses(torch.randn(8, 100))
     assert parts["bn"].requires_grad and float(parts["bn"]) > 0

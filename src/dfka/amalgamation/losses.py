@@ -20,12 +20,16 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from dfka.amalgamation import fast
+
+if TYPE_CHECKING:
+    from dfka.amalgamation.teacher_set import TeacherSet
 
 EPSILON = 0.5  # pseudo-label threshold ε of Eq. 5
 
@@ -56,6 +60,17 @@ def ownership(logits: Iterable[torch.Tensor]) -> torch.Tensor:
     :math:`q_m \\propto \\exp\\operatorname{logsumexp}(z_m)`."""
     energies = torch.stack([torch.logsumexp(z, 1) for z in logits], 1)
     return F.softmax(energies, 1)
+
+
+def owner_weights(teachers: TeacherSet, logits: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-sample weights of each multi-class teacher's routed BN term, ``M·q_m`` (mean 1 when a batch
+    is shared evenly; detached). Multi-label teachers see every image, so they get none (uniform)."""
+    claimants = [n for n in teachers.names if teachers.infos[n].task == "multiclass"]
+    if len(claimants) < 2:
+        return {}
+    with torch.no_grad():
+        q = ownership([teachers.select(n, logits[n]) for n in claimants])
+    return {n: q[:, i] * len(claimants) for i, n in enumerate(claimants)}
 
 
 def ownership_entropy(logits: Iterable[torch.Tensor]) -> torch.Tensor:
@@ -159,17 +174,22 @@ class RoutedBNStats(BNStatsRecorder):
     have scored the batch.
     """
 
+    def __init__(self, modules: Mapping[str, nn.Module]):
+        #: (teacher, BN module, per-sample mean (N, C), per-sample mean of squares (N, C)) per BN call
+        self.records: list[tuple[str | None, nn.Module, torch.Tensor, torch.Tensor]] = []
+        super().__init__(modules)
+
     def _hook(self, key: str | None, module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor):
         if not self.active:
             return
         x = inputs[0]
         spatial = x.flatten(2) if x.dim() > 2 else x.unsqueeze(2)
-        self.terms.append((key, module, spatial.mean(2), (spatial * spatial).mean(2)))  # type: ignore[arg-type]
+        self.records.append((key, module, spatial.mean(2), (spatial * spatial).mean(2)))
 
     def pop(self, weights: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
         """The routed term since the last call; ``weights[name]`` (N,) per teacher, missing = uniform."""
         total: torch.Tensor | None = None
-        for key, module, m, q in self.terms:  # type: ignore[misc]
+        for key, module, m, q in self.records:
             w = (weights or {}).get(key)
             if w is None:
                 share, mean, sq = 1.0, m.mean(0), q.mean(0)
@@ -185,7 +205,7 @@ class RoutedBNStats(BNStatsRecorder):
                 + torch.linalg.vector_norm(var - module.running_var)
             )
             total = term if total is None else total + term
-        self.terms = []
+        self.records = []
         return total if total is not None else torch.zeros(())
 
 

@@ -42,7 +42,7 @@ from dfka.amalgamation.losses import (
     activation_loss,
     info_entropy_loss,
     onehot_loss,
-    ownership,
+    owner_weights,
     ownership_entropy,
     sparsity_loss,
     total_variation,
@@ -127,8 +127,6 @@ class AmalgamatingGAN(nn.Module):
         if cfg.loss.bn > 0:
             routed = cfg.bn_routing == "owner"
             self.bn_stats = RoutedBNStats(self.compute) if routed else BNStatsRecorder(self.compute.values())
-        # the multi-class teachers, whose ownership of a sample routes the BN term
-        self.claimants = [n for n in teachers.names if teachers.infos[n].task == "multiclass"]
         self.pre_head = InputRecorder({name: model.head for name, model in self.compute.items()})
         # DFAD-style proxy student, only when the adversarial term is on.
         self.student = student if cfg.loss.adv > 0 else None
@@ -154,7 +152,7 @@ class AmalgamatingGAN(nn.Module):
         mc = self.union.multiclass_mask
         zero = scores.new_zeros(())
         if isinstance(self.bn_stats, RoutedBNStats):
-            parts["bn"] = self.bn_stats.pop(self.bn_weights(logits))
+            parts["bn"] = self.bn_stats.pop(owner_weights(self.teachers, logits))
         else:
             parts["bn"] = self.bn_stats.pop() if self.bn_stats is not None else zero
 
@@ -182,15 +180,6 @@ class AmalgamatingGAN(nn.Module):
             parts["tv"] = total_variation(image)
         levels = {self.generator.level_of_group(j): feats[j - 1] for j in range(1, blocks)}
         return parts, SampleBatch(z, image, levels, logits)
-
-    @torch.no_grad()
-    def bn_weights(self, logits: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """Per-sample weights of each multi-class teacher's BN term: ``M·q_m`` (mean 1 when the batch
-        is shared evenly). Multi-label teachers see every image, so theirs stay uniform."""
-        if len(self.claimants) < 2:
-            return {}
-        q = ownership([self.teachers.select(n, logits[n]) for n in self.claimants])
-        return {n: q[:, i] * len(self.claimants) for i, n in enumerate(self.claimants)}
 
     def weighted(self, parts: dict[str, torch.Tensor]) -> torch.Tensor:
         return self.cfg.loss.weighted(parts)

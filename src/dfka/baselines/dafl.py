@@ -20,7 +20,7 @@ from torch import nn
 from dfka.amalgamation import fast
 from dfka.amalgamation.config import AmalgamationConfig, Budget
 from dfka.amalgamation.engine import cosine_lr, run_loop, set_lr
-from dfka.amalgamation.losses import BNStatsRecorder, InputRecorder, RoutedBNStats, ownership
+from dfka.amalgamation.losses import BNStatsRecorder, InputRecorder, RoutedBNStats, owner_weights
 from dfka.amalgamation.run import MetricsCallback, StageReport, build_student
 from dfka.amalgamation.stage1 import generator_terms
 from dfka.amalgamation.teacher_set import TeacherSet
@@ -99,7 +99,6 @@ def train_dafl(
         bn: BNStatsRecorder | None = None
         if cfg.gan.loss.bn > 0:
             bn = RoutedBNStats(compute) if routed else BNStatsRecorder(compute.values())
-        claimants = [n for n in teachers.names if teachers.infos[n].task == "multiclass"]
         heads = InputRecorder({n: m.head for n, m in compute.items()})
         rng = torch.Generator().manual_seed(cfg.seed)
         w = cfg.gan.loss
@@ -118,10 +117,8 @@ def train_dafl(
             if bn is not None:
                 bn.active = False
             parts, scores = generator_terms(teachers, union, logits, dict(heads.values))
-            if isinstance(bn, RoutedBNStats) and len(claimants) > 1:
-                with torch.no_grad():
-                    q = ownership([teachers.select(n, logits[n]) for n in claimants])
-                parts["bn"] = bn.pop({n: q[:, i] * len(claimants) for i, n in enumerate(claimants)})
+            if isinstance(bn, RoutedBNStats):
+                parts["bn"] = bn.pop(owner_weights(teachers, logits))
             else:
                 parts["bn"] = bn.pop() if bn is not None else scores.new_zeros(())
             loss_g = w.weighted(parts)  # oh, a, ie, dis, bn: no consistency or adversarial term
