@@ -364,3 +364,40 @@ def test_amalgamate_ends_within_its_wall_clock_budget(pair) -> None:
     seconds = {k: s.seconds for k, s in result.stages.items()}
     assert seconds["export"] > 1.5, seconds  # the top-up took real time (about 3 s here) ...
     assert sum(seconds.values()) < 12.0 + 1.0, seconds  # ... inside the 12 s, not on top of them
+
+
+# --- fine-tune: hard-sample mining in the bank ------------------------------------------------------------
+
+
+def test_finetune_hard_pool_trains_on_the_hardest_samples_of_the_pool(pair) -> None:
+    """hard_pool=k: of k bank batches, the batch_size samples with the largest union loss under the
+    current TargetNet; scoring them moves no BatchNorm statistics."""
+    from dfka.amalgamation.regroup import FinetuneTrainer
+    from dfka.amalgamation.stage2 import DualGenerator
+
+    cfg = tiny_config(regroup={"hard_pool": 3, "batch_size": 8})
+    teachers = teacher_set_from_bundles(pair, None)
+    union = UnionRule(teachers)
+    gan = AmalgamatingGAN(teachers, union, cfg.gan)
+    bank = SampleBank.generate(Sampler(gan, seed=0, batch_size=24), 24, progress=False)
+    channels = {lvl: s[0] for lvl, s in enumerate(gan.generator_level_shapes())}
+    torch.manual_seed(3)
+    net = TargetNet.from_dual(
+        DualGenerator(build_student("lenet5:0.5", teachers), teachers, channels), teachers.label_tasks
+    )
+    batches = [bank.batch(torch.arange(i, i + 8)) for i in (0, 8, 16)]
+    trainer = FinetuneTrainer(net, union, cfg.regroup, iter(batches), CPU)
+    bn_before = {k: v.clone() for k, v in net.state_dict().items() if "running" in k}
+    with torch.no_grad():
+        first = next(trainer.batches)  # what step() draws; _hardest draws the other two
+        image, target = trainer._hardest(first, union(first.logits))
+        net.eval()
+        all_targets = union(bank.batch(torch.arange(24)).logits)
+        losses = union_loss(
+            net(bank.tensors["image"].float()), all_targets, union.multiclass_mask, reduction="none"
+        )
+    assert all(torch.equal(v, net.state_dict()[k]) for k, v in bn_before.items())
+    hardest = losses.topk(8).indices  # the pool is the bank in order (batches 0-7, 8-15, 16-23)
+    assert torch.equal(image, bank.tensors["image"].float()[hardest])
+    torch.testing.assert_close(target, all_targets[hardest])
+    assert float(losses[hardest].min()) >= float(losses.median())
