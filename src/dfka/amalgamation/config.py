@@ -121,14 +121,6 @@ class RegroupConfig(_Strict):
     lr: float = Field(5e-4, gt=0)
     batch_size: int = Field(64, ge=2)
     temperature: float = Field(1.0, gt=0)
-    adversarial: float = Field(
-        0.0,
-        ge=0,
-        description="> 0: the stage-1 generator keeps training during the fine-tune, with its stage-1 "
-        "loss plus this weight times the TargetNet-teacher discrepancy (DFAD-style), and each fine-tune "
-        "step adds its fresh batch to the bank batch (in-process runs: dfka amalgamate, benchmarks)",
-    )
-    adversarial_lr: float = Field(1e-3, gt=0, description="the generator's learning rate then")
 
 
 class UnionConfig(_Strict):

@@ -206,53 +206,14 @@ class FinetuneTrainer:
         self.batches = batches
         self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, **fast.adam_options(device))
 
-    #: with ``adversarial > 0``: the stage-1 GAN and its optimiser (see :meth:`attach_generator`)
-    gan: Any = None
-
-    def attach_generator(self, gan: Any, seed: int) -> None:
-        """Keep ``gan`` training adversarially against the TargetNet during the fine-tune (DFAD-style):
-        per step the generator minimises its stage-1 loss minus ``adversarial`` times the TargetNet's
-        L1 discrepancy to the teachers, and the TargetNet trains on that fresh batch with the bank's."""
-        self.gan = gan
-        self.gan_optimizer = torch.optim.Adam(
-            gan.trainable_parameters(),
-            lr=self.cfg.adversarial_lr,
-            betas=(0.5, 0.999),
-            **fast.adam_options(self.device),
-        )
-        self.rng = torch.Generator().manual_seed(seed)
-
-    def _adversarial_batch(self, step: int, total: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        gan = self.gan
-        set_lr(self.gan_optimizer, cosine_lr(self.cfg.adversarial_lr, step, total))
-        gan.train()
-        self.net.eval()  # the TargetNet judges: its BN statistics must not follow the adversary
-        z = torch.randn(self.cfg.batch_size, gan.generator.latent_dim, generator=self.rng).to(self.device)
-        parts, generated = gan.losses(z)
-        scores = self.union(generated.logits)
-        self.net.requires_grad_(False)  # the adversary's gradient stops at the image
-        try:
-            adv = (self.net(generated.image) - scores.detach()).abs().mean()
-        finally:
-            self.net.requires_grad_(True)
-        loss = gan.weighted(parts) - self.cfg.adversarial * adv
-        self.gan_optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        self.gan_optimizer.step()
-        return generated.image.detach(), scores.detach(), adv.detach()
-
     def step(self, step: int, total: int) -> dict[str, torch.Tensor]:
         set_lr(self.optimizer, cosine_lr(self.cfg.lr, step, total))
-        out: dict[str, torch.Tensor] = {}
         batch = next(self.batches)
         image = batch.image
         with torch.no_grad():
             target = self.union(batch.logits)
             if self.cfg.hard_pool > 1:
                 image, target = self._hardest(batch, target)
-        if self.gan is not None:
-            fresh, fresh_target, out["adv"] = self._adversarial_batch(step, total)
-            image, target = torch.cat([image, fresh]), torch.cat([target, fresh_target])
         self.net.train()
         with fast.autocast(self.device):
             scores = self.net(image)
@@ -260,7 +221,7 @@ class FinetuneTrainer:
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": loss.detach(), **out}
+        return {"loss": loss.detach()}
 
     def _hardest(self, first: SampleBatch, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Hard-sample mining in the bank: of ``hard_pool`` batches, the ``batch_size`` samples with the

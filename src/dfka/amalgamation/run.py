@@ -239,11 +239,9 @@ def regroup(
     on_metrics: MetricsCallback | None = None,
     progress: bool = True,
     checkpoints: Checkpoints | None = None,
-    gan: AmalgamatingGAN | None = None,
 ) -> tuple[TargetNet, StageReport]:
     """Stage 3: assemble the TargetNet; fine-tune end to end when ``regroup.finetune`` is set (resuming
-    from and writing ``checkpoints`` like the other training loops, when given). With
-    ``regroup.adversarial > 0`` the fine-tune also trains ``gan`` adversarially (not checkpointed)."""
+    from and writing ``checkpoints`` like the other training loops, when given)."""
     with data_free("stage 3: regroup"):
         start = time.perf_counter()
         net = TargetNet.from_dual(dual, dual.teachers.label_tasks).to(device)
@@ -253,15 +251,6 @@ def regroup(
             trainer = FinetuneTrainer(
                 net, union, cfg.regroup, bank.batches(cfg.regroup.batch_size, rng, device), device
             )
-            if cfg.regroup.adversarial > 0:
-                if gan is None:
-                    from dfka.errors import ConfigError
-
-                    raise ConfigError(
-                        "regroup.adversarial needs the stage-1 generator in the same process",
-                        "use dfka amalgamate or a benchmark, or set regroup.adversarial: 0 in the pipeline",
-                    )
-                trainer.attach_generator(gan, cfg.seed + 4)
             state = {"net": net, "optimizer": trainer.optimizer, "batches": trainer.batches}
             at = checkpoints.restore(state) if checkpoints is not None else None
             offset = at.seconds if at else 0.0
@@ -349,6 +338,6 @@ def amalgamate(
         teachers, union, bank, cfg, channels, device=device, on_metrics=on_metrics, progress=progress
     )
     net, stages["regroup"] = regroup(
-        dual, union, bank, cfg, device=device, on_metrics=on_metrics, progress=progress, gan=gan
+        dual, union, bank, cfg, device=device, on_metrics=on_metrics, progress=progress
     )
     return AmalgamationResult(net, teachers, union, gan, bank, stages)
