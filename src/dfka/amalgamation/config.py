@@ -112,12 +112,6 @@ class RegroupConfig(_Strict):
     """
 
     finetune: Budget | None = Budget(steps=6000)
-    hard_pool: int = Field(
-        1,
-        ge=1,
-        description="draw hard_pool batches from the bank per step and train on the batch_size samples "
-        "where the TargetNet disagrees most with the teachers (1: plain shuffled batches)",
-    )
     lr: float = Field(5e-4, gt=0)
     batch_size: int = Field(64, ge=2)
     temperature: float = Field(1.0, gt=0)

@@ -207,33 +207,15 @@ class FinetuneTrainer:
         self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, **fast.adam_options(device))
 
     def step(self, step: int, total: int) -> dict[str, torch.Tensor]:
+        self.net.train()
         set_lr(self.optimizer, cosine_lr(self.cfg.lr, step, total))
         batch = next(self.batches)
-        image = batch.image
         with torch.no_grad():
             target = self.union(batch.logits)
-            if self.cfg.hard_pool > 1:
-                image, target = self._hardest(batch, target)
-        self.net.train()
         with fast.autocast(self.device):
-            scores = self.net(image)
+            scores = self.net(batch.image)
         loss = union_loss(scores.float(), target, self.union.multiclass_mask, self.cfg.temperature)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
         return {"loss": loss.detach()}
-
-    def _hardest(self, first: SampleBatch, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Hard-sample mining in the bank: of ``hard_pool`` batches, the ``batch_size`` samples with the
-        largest union loss under the current TargetNet (scored in eval mode: no BN statistics move)."""
-        batches = [first] + [next(self.batches) for _ in range(self.cfg.hard_pool - 1)]
-        image = torch.cat([b.image for b in batches])
-        target = torch.cat([target] + [self.union(b.logits) for b in batches[1:]])
-        self.net.eval()
-        with fast.autocast(self.device):
-            scores = self.net(image)
-        per_sample = union_loss(
-            scores.float(), target, self.union.multiclass_mask, self.cfg.temperature, reduction="none"
-        )
-        keep = per_sample.topk(len(first)).indices
-        return image[keep], target[keep]

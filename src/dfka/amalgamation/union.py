@@ -94,15 +94,13 @@ def union_loss(
     multiclass_mask: torch.Tensor,
     temperature: float = 1.0,
     weights: torch.Tensor | None = None,
-    reduction: str = "mean",
 ) -> torch.Tensor:
     """KL(target ‖ student) over the multi-class labels plus BCE on the multi-label ones.
 
     .. math::  \\ell = T^2\\,\\mathrm{KL}\\big(\\operatorname{softmax}(t/T)\\,\\|\\,\\operatorname{softmax}(s/T)\\big)
                + \\mathrm{BCE}\\big(s, \\sigma(t)\\big)
 
-    ``weights`` (N,) weights samples (a weighted mean over the batch); ``reduction="none"`` returns the
-    (N,) per-sample losses instead.
+    ``weights`` (N,) weights samples (a weighted mean over the batch).
     """
     per_sample = student.new_zeros(student.shape[0])
     if multiclass_mask.any():
@@ -116,8 +114,6 @@ def union_loss(
             student[:, ml], torch.sigmoid(target[:, ml]), reduction="none"
         )
         per_sample = per_sample + bce.mean(1)
-    if reduction == "none":
-        return per_sample
     if weights is None:
         return per_sample.mean()
     return (per_sample * weights).sum() / weights.sum()
