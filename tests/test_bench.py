@@ -271,7 +271,8 @@ def test_report_tables_plot_and_readme_block(tmp_path: Path) -> None:
     text = readme.read_text()
     assert "old table" not in text and text.startswith("# dfka\n\nintro\n<!-- bench:start -->\n")
     assert text.endswith("<!-- bench:end -->\n\nmore\n") and "Test CPU" in text and "82.00 ± 2.83" in text
-    assert "| **85.00** |" in text and "**82.00" not in text  # bold: the best data-free mean, whichever
+    assert "| **85.00 (1 seed)** |" in text and "**82.00" not in text  # bold: the best data-free mean
+    assert "82.00 ± 2.83 |" in text  # the row's full seed count: no note
     assert (out / "README.md").is_file() and written["fake"]["markdown"] == out / "fake.md"
     bare = tmp_path / "BARE.md"
     bare.write_text("# no markers\n")

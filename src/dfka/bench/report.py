@@ -362,7 +362,7 @@ def all_results(out_dir: str | Path) -> list[dict[str, Any]]:
 
 def headline_table(datas: list[dict[str, Any]], link_prefix: str = "") -> str:
     """Benchmarks × methods: the union metric, mean ± std over seeds, plus each teacher on its labels;
-    the best data-free mean of each row in bold."""
+    the best data-free mean of each row in bold; a cell over fewer seeds than its row's others says so."""
     order = ["digits", "fashion", "three-teachers", "cross-domain", "multilabel", "custom-subset"]
     datas = sorted(
         datas, key=lambda d: (order.index(d["benchmark"]) if d["benchmark"] in order else 99, d["benchmark"])
@@ -377,9 +377,12 @@ def headline_table(datas: list[dict[str, Any]], link_prefix: str = "") -> str:
         own = " / ".join(pct((v, 0.0)) for v in teachers.values() if v is not None) or "—"
         cells = [f"[{d['benchmark']}]({link_prefix}{d['benchmark']}.md)", m, own]
         best = _best_data_free(stats, m)
+        full = max((len(s["seeds"]) for k, s in stats.items() if k != "ensemble"), default=0)
         for method in methods:
             s = stats.get(method)
             cell = pct(s.get(f"union_{m}"), len(s["seeds"])) if s else "—"
+            if s and method != "ensemble" and len(s["seeds"]) < full:  # fewer seeds than the row's others
+                cell += f" ({len(s['seeds'])} seed{'s' if len(s['seeds']) > 1 else ''})"
             cells.append(f"**{cell}**" if method == best else cell)
         budgets = sorted({b for mm in DATA_FREE if mm in stats for b in stats[mm]["budgets"]})
         cells.append("/".join(f"{b:g}" for b in budgets) + " min" if budgets else "—")
