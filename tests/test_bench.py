@@ -50,6 +50,7 @@ DIGITS = {
     "student": "lenet5:0.25",
     "seeds": [0],
     "budget_minutes": 0.02,
+    "reference_budget_minutes": 0.03,
     "amalgamation": {
         "gan": {"batch_size": 32},
         "blocks": {"batch_size": 32},
@@ -317,6 +318,12 @@ def test_end_to_end_tiny_benchmark(tiny_yaml: Path, tmp_path: Path, monkeypatch,
     by = {r["method"]: r for r in rows}
     assert float(by["ensemble"]["union_acc"]) > 0.6 and float(by["kd-real"]["union_acc"]) > 0.3
     assert float(by["dfka"]["seconds.gan"]) > 0 and by["dafl"]["seconds.gan"] == ""
+    assert [float(by[m]["budget_minutes"]) for m in ("dfka", "dafl", "kd-real", "layerwise")] == [
+        0.02,
+        0.02,
+        0.03,
+        0.03,
+    ]
     for method in ("dfka", "dafl", "dfad", "noise"):
         assert (out / f"tiny-samples-{method}.png").is_file()
     assert (out / "tiny.md").is_file() and (out / "tiny-accuracy-vs-time.png").is_file()

@@ -326,7 +326,8 @@ def stage_dicts(stages: dict[str, StageReport]) -> dict[str, dict[str, Any]]:
 def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None) -> JobResult:
     """Run one (method, seed) and score its final model; failures are returned, not raised."""
     started = time.perf_counter()
-    result = JobResult(spec.method, spec.seed, "failed", budget_minutes=spec.budget_minutes)
+    budget = spec.reference_budget_minutes if spec.method in WITH_DATA else spec.budget_minutes
+    result = JobResult(spec.method, spec.seed, "failed", budget_minutes=budget)  # the budget it runs under
     history = result.history
 
     def record(metrics: dict[str, float], step: int) -> None:
