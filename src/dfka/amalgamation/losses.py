@@ -151,6 +151,11 @@ class BNStatsRecorder:
         self.terms = []
         return total
 
+    def term(self, teachers: TeacherSet, logits: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """This batch's BN term, once the teachers have scored it (``logits``); the batch term needs
+        no scores."""
+        return self.pop()
+
     def remove(self) -> None:
         for h in self._handles:
             h.remove()
@@ -207,6 +212,16 @@ class RoutedBNStats(BNStatsRecorder):
             total = term if total is None else total + term
         self.records = []
         return total if total is not None else torch.zeros(())
+
+    def term(self, teachers: TeacherSet, logits: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """This batch's routed term, each teacher's layers weighted by :func:`owner_weights`."""
+        return self.pop(owner_weights(teachers, logits))
+
+
+def bn_recorder(modules: Mapping[str, nn.Module], routing: str) -> BNStatsRecorder:
+    """BN-statistics matching over the teachers ``modules`` as ``gan.bn_routing`` says: ``owner`` (routed
+    by ownership, :class:`RoutedBNStats`) or ``batch`` (the whole batch, :class:`BNStatsRecorder`)."""
+    return RoutedBNStats(modules) if routing == "owner" else BNStatsRecorder(modules)
 
 
 class InputRecorder:

@@ -38,11 +38,10 @@ from dfka.amalgamation.generator import GroupStackGenerator
 from dfka.amalgamation.losses import (
     BNStatsRecorder,
     InputRecorder,
-    RoutedBNStats,
     activation_loss,
+    bn_recorder,
     info_entropy_loss,
     onehot_loss,
-    owner_weights,
     ownership_entropy,
     sparsity_loss,
     total_variation,
@@ -125,8 +124,7 @@ class AmalgamatingGAN(nn.Module):
         self.compute = teachers.compute_models()
         self.bn_stats: BNStatsRecorder | None = None
         if cfg.loss.bn > 0:
-            routed = cfg.bn_routing == "owner"
-            self.bn_stats = RoutedBNStats(self.compute) if routed else BNStatsRecorder(self.compute.values())
+            self.bn_stats = bn_recorder(self.compute, cfg.bn_routing)
         self.pre_head = InputRecorder({name: model.head for name, model in self.compute.items()})
         # DFAD-style proxy student, only when the adversarial term is on.
         self.student = student if cfg.loss.adv > 0 else None
@@ -151,10 +149,7 @@ class AmalgamatingGAN(nn.Module):
         parts, scores = generator_terms(self.teachers, self.union, logits, pre_head)
         mc = self.union.multiclass_mask
         zero = scores.new_zeros(())
-        if isinstance(self.bn_stats, RoutedBNStats):
-            parts["bn"] = self.bn_stats.pop(owner_weights(self.teachers, logits))
-        else:
-            parts["bn"] = self.bn_stats.pop() if self.bn_stats is not None else zero
+        parts["bn"] = self.bn_stats.term(self.teachers, logits) if self.bn_stats is not None else zero
 
         blocks = self.teachers.num_blocks
         if blocks > 1:

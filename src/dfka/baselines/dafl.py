@@ -20,7 +20,7 @@ from torch import nn
 from dfka.amalgamation import fast
 from dfka.amalgamation.config import AmalgamationConfig, Budget
 from dfka.amalgamation.engine import cosine_lr, run_loop, set_lr
-from dfka.amalgamation.losses import BNStatsRecorder, InputRecorder, RoutedBNStats, owner_weights
+from dfka.amalgamation.losses import BNStatsRecorder, InputRecorder, bn_recorder
 from dfka.amalgamation.run import MetricsCallback, StageReport, build_student
 from dfka.amalgamation.stage1 import generator_terms
 from dfka.amalgamation.teacher_set import TeacherSet
@@ -95,10 +95,9 @@ def train_dafl(
         adam = fast.adam_options(device)
         opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.gan.lr, betas=(0.5, 0.999), **adam)
         opt_s = torch.optim.Adam(student.parameters(), lr=cfg.blocks.lr, **adam)
-        routed = options.bn_routing == "owner"
         bn: BNStatsRecorder | None = None
         if cfg.gan.loss.bn > 0:
-            bn = RoutedBNStats(compute) if routed else BNStatsRecorder(compute.values())
+            bn = bn_recorder(compute, options.bn_routing)
         heads = InputRecorder({n: m.head for n, m in compute.items()})
         rng = torch.Generator().manual_seed(cfg.seed)
         w = cfg.gan.loss
@@ -117,10 +116,7 @@ def train_dafl(
             if bn is not None:
                 bn.active = False
             parts, scores = generator_terms(teachers, union, logits, dict(heads.values))
-            if isinstance(bn, RoutedBNStats):
-                parts["bn"] = bn.pop(owner_weights(teachers, logits))
-            else:
-                parts["bn"] = bn.pop() if bn is not None else scores.new_zeros(())
+            parts["bn"] = bn.term(teachers, logits) if bn is not None else scores.new_zeros(())
             loss_g = w.weighted(parts)  # oh, a, ie, dis, bn: no consistency or adversarial term
             opt_g.zero_grad(set_to_none=True)
             loss_g.backward()
