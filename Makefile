@@ -31,7 +31,7 @@ data: $(STAMP)
 	$(BIN)/dfka data fetch
 
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not integration and not slow"

@@ -28,6 +28,7 @@ BLOCK_STEPS = 36  # 12 per block (3 blocks)
 METHOD = {
     "student": "lenet5:0.5",
     "device": "cpu",
+    "threads": 1,  # bit-for-bit checks: both sides at one thread, whatever OMP_NUM_THREADS the caller has
     "gan": {"batch_size": 16, "budget": {"steps": GAN_STEPS}, "widths": 8},
     "export": {"samples": 200, "shard_size": 80},
     "blocks": {"batch_size": 16, "budget": {"steps": BLOCK_STEPS}},

@@ -27,6 +27,7 @@ TOY_METHOD = {
     "gan": {"batch_size": 16, "budget": {"steps": 12}, "widths": 8},
     "export": {"samples": 200, "shard_size": 80},
     "blocks": {"batch_size": 16, "budget": {"steps": 12}},
+    "regroup": {"finetune": {"steps": 12}},
 }
 
 
@@ -215,6 +216,7 @@ def test_evaluate_scores_teachers_ensemble_and_targetnet(tmp_path: Path, mnist_t
         "gan": {"batch_size": 32, "budget": {"steps": 15}, "widths": 8},
         "export": {"samples": 256, "shard_size": 256},
         "blocks": {"batch_size": 32, "budget": {"steps": 15}},
+        "regroup": {"finetune": {"steps": 12}},
     }
     ts, gan, exp, dual, net, ev = (str(tmp_path / n) for n in ("ts", "gan", "export", "dual", "net", "eval"))
     r = stages.ingest_teachers(mnist_teachers, ts, target_labels="digit_0..digit_9", amalgamation=method)
