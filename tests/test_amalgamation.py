@@ -67,7 +67,7 @@ def test_shapes_at_every_level(blocks: int, families: tuple[str, str]) -> None:
     teachers = teacher_set_from_bundles([a, b], None)
     union = UnionRule(teachers)
     gan = AmalgamatingGAN(teachers, union, cfg.gan)
-    feats = gan.generator(torch.randn(5, cfg.gan.latent_dim))
+    feats = gan.generator(gan.sample_latent(5, torch.Generator().manual_seed(0), CPU))
     assert len(feats) == blocks
     assert feats[-1].shape == (5, 1, SIZE, SIZE) and feats[-1].min() >= 0 and feats[-1].max() <= 1
     for j, feat in enumerate(feats[:-1], start=1):
@@ -164,7 +164,7 @@ def test_stage1_trains_exactly_generator_and_filters(pair) -> None:
     expected = {id(p) for p in [*gan.generator.parameters(), *gan.filters.parameters()]}
     assert in_optimizer == expected
     assert not any(id(p) in in_optimizer for p in teachers.parameters())
-    parts, _ = gan.losses(torch.randn(8, cfg.gan.latent_dim))
+    parts, _ = gan.losses(gan.sample_latent(8, torch.Generator().manual_seed(0), CPU))
     gan.weighted(parts).backward()
     named = dict(gan.generator.named_parameters()) | {
         f"filters.{k}": v for k, v in gan.filters.named_parameters()
@@ -326,8 +326,8 @@ def test_total_variation_prior() -> None:
 
 def test_tv_term_is_in_the_stage1_loss_only_when_weighted(pair) -> None:
     teachers = teacher_set_from_bundles(pair, None)
-    z = torch.randn(8, 100)
     off = AmalgamatingGAN(teachers, UnionRule(teachers), tiny_config().gan)
+    z = off.sample_latent(8, torch.Generator().manual_seed(0), CPU)
     assert "tv" not in off.losses(z)[0]
     on = AmalgamatingGAN(teachers, UnionRule(teachers), tiny_config(gan={"loss": {"tv": 2.0}}).gan)
     parts, batch = on.losses(z)

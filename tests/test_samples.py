@@ -95,7 +95,7 @@ def test_gan_and_dual_artifacts_round_trip(setup, tmp_path: Path) -> None:
     teachers, union, gan = setup
     save_gan(gan, str(tmp_path / "gan"))
     back = load_gan(str(tmp_path / "gan"), teachers, union)
-    z = torch.randn(4, gan.cfg.latent_dim)
+    z = gan.sample_latent(4, torch.Generator().manual_seed(0), torch.device("cpu"))
     gan.generator.eval()
     saved, loaded = gan.state_dict(), back.state_dict()
     assert saved.keys() == loaded.keys() and all(torch.equal(saved[k], loaded[k]) for k in saved)

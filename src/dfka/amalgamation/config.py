@@ -27,11 +27,21 @@ class GanLoss(_Strict):
     bn: float = Field(1.0, ge=0, description="BatchNorm-statistics matching (not in the paper)")
     adv: float = Field(0.0, ge=0, description="adversarial student-teacher discrepancy (not in the paper)")
     tv: float = Field(0.0, ge=0, description="total-variation image prior (DeepInversion; not in the paper)")
+    route: float = Field(
+        1.0,
+        ge=0,
+        description="origin-labelled mode: the teachers' union routes a sample to its origin teacher (not in the paper)",
+    )
+    div: float = Field(
+        1.0,
+        ge=0,
+        description="origin-labelled mode: diversity hinge between samples of one slot (not in the paper)",
+    )
 
     def weighted(self, parts: dict[str, Any]) -> Any:
         """Σ weight · part over the terms present in ``parts``, summed in a fixed order (a method without
         consistency or adversarial terms, like the DAFL baseline, simply leaves them out)."""
-        order = ("oh", "a", "ie", "dis", "bn", "consistency", "adv", "tv")
+        order = ("oh", "a", "ie", "dis", "bn", "consistency", "adv", "tv", "div", "route")
         terms = [getattr(self, name) * parts[name] for name in order if name in parts]
         total = terms[0]
         for term in terms[1:]:
@@ -70,6 +80,18 @@ class GanConfig(_Strict):
     adv_student_steps: int = Field(
         1, ge=1, description="proxy-student KD steps per generator step when adv > 0"
     )
+    conditional: Literal["auto", "off"] = Field(
+        "auto",
+        description="origin-labelled synthesis (dfka.amalgamation.origin): each sample is generated for one "
+        "teacher's label and carries it; auto = on when every teacher is multi-class",
+    )
+    augment_shift: int = Field(
+        2,
+        ge=0,
+        le=8,
+        description="origin-labelled mode: random shift (pixels) before every teacher and student",
+    )
+    diversity_margin: float = Field(0.1, ge=0, le=1, description="δ of the diversity hinge (mean |Δpixel|)")
 
 
 class ExportConfig(_Strict):
@@ -103,6 +125,24 @@ class BlocksConfig(_Strict):
     temperature: float = Field(1.0, gt=0)
 
 
+class OriginLoss(_Strict):
+    """Fine-tune loss weights on origin-labelled samples (``dfka.amalgamation.origin``)."""
+
+    ce: float = Field(1.0, ge=0, description="hard CE toward the sample's origin label")
+    own_kd: float = Field(1.0, ge=0, description="KD from the origin teacher over its own labels")
+    which: float = Field(1.0, ge=0, description="CE on which teacher the sample came from")
+    union_kd: float = Field(
+        3.0,
+        ge=0,
+        description="KD toward the teachers' (calibrated) union, beside the origin terms: it carries the "
+        "teachers' own routing where they are calibrated",
+    )
+    temperature: float = Field(4.0, gt=0, description="τ of the own-teacher KD")
+    calibrate: bool = Field(
+        True, description="fit per-teacher offsets of the union on the origin-known samples before its KD"
+    )
+
+
 class RegroupConfig(_Strict):
     """Stage 3: assemble the TargetNet, then fine-tune it end to end on the generated samples.
 
@@ -115,6 +155,8 @@ class RegroupConfig(_Strict):
     lr: float = Field(5e-4, gt=0)
     batch_size: int = Field(64, ge=2)
     temperature: float = Field(1.0, gt=0)
+    origin: OriginLoss = OriginLoss()
+    augment_shift: int = Field(2, ge=0, le=8, description="origin-labelled mode: random shift of the images")
 
 
 class UnionConfig(_Strict):
@@ -149,6 +191,7 @@ class AmalgamationConfig(_Strict):
             self.gan.loss.adv = 0.0
             self.regroup.finetune = None
             self.union.routing = "none"
+            self.gan.conditional = "off"
         if self.budget_minutes is not None:
             split = dict(self.budget_split)
             if (

@@ -29,7 +29,9 @@ from dfka.amalgamation import fast
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.config import RegroupConfig
 from dfka.amalgamation.engine import cosine_lr, set_lr
+from dfka.amalgamation.origin import OriginSlots, shift, student_origin_terms
 from dfka.amalgamation.stage2 import Branch, DualGenerator
+from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.bundles import sha256_file
 from dfka.errors import BundleError
@@ -189,7 +191,15 @@ def load_targetnet(uri: str) -> tuple[TargetNet, TargetNetManifest]:
 
 
 class FinetuneTrainer:
-    """Optional end-to-end fine-tune of the whole TargetNet on generated samples (union KD)."""
+    r"""End-to-end fine-tune of the whole TargetNet on generated samples.
+
+    Plain samples: KD toward the teachers' union. Origin-labelled samples (``origin`` given, see
+    :mod:`dfka.amalgamation.origin`):
+
+    .. math::  L = w_{ce} L_{ce} + w_{own} L_{own\,kd} + w_{which} L_{which} + w_{union} L_{union}
+
+    with the random shift applied to every image, as stage 1 did before the teachers.
+    """
 
     def __init__(
         self,
@@ -198,12 +208,21 @@ class FinetuneTrainer:
         cfg: RegroupConfig,
         batches: Iterator[SampleBatch],
         device: torch.device,
+        *,
+        origin: OriginSlots | None = None,
+        teachers: TeacherSet | None = None,
+        union_weight: float = 1.0,
+        seed: int = 0,
     ):
         self.net = fast.accelerate(net.to(device), device)
         self.device = device
         self.union = union
         self.cfg = cfg
         self.batches = batches
+        self.origin = origin
+        self.teachers = teachers
+        self.union_weight = union_weight
+        self.rng = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, **fast.adam_options(device))
 
     def step(self, step: int, total: int) -> dict[str, torch.Tensor]:
@@ -212,10 +231,34 @@ class FinetuneTrainer:
         batch = next(self.batches)
         with torch.no_grad():
             target = self.union(batch.logits)
+        image = batch.image
+        if self.origin is not None:
+            image = shift(image, self.cfg.augment_shift, self.rng)
         with fast.autocast(self.device):
-            scores = self.net(batch.image)
-        loss = union_loss(scores.float(), target, self.union.multiclass_mask, self.cfg.temperature)
+            scores = self.net(image)
+        scores = scores.float()
+        parts = {"union": union_loss(scores, target, self.union.multiclass_mask, self.cfg.temperature)}
+        if self.origin is None:
+            loss = parts["union"]
+        else:
+            w = self.cfg.origin
+            slots = self.origin.decode(batch.z)
+            parts |= student_origin_terms(
+                scores, self.teachers, self.origin, batch.logits, slots, w.temperature
+            )
+            loss = (
+                w.ce * parts["ce"]
+                + w.own_kd * parts["own_kd"]
+                + w.which * parts["which"]
+                + self.union_weight * parts["union"]
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
-        return {"loss": loss.detach()}
+        return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
+
+    def state_dict(self) -> dict:
+        return {"rng": self.rng.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.rng.set_state(state["rng"])

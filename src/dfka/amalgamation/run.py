@@ -16,6 +16,7 @@ import torch
 
 from dfka.amalgamation.config import AmalgamationConfig, Budget
 from dfka.amalgamation.engine import LoopResult, run_loop
+from dfka.amalgamation.origin import OriginSlots, fit_routing_bias, union_trust
 from dfka.amalgamation.regroup import FinetuneTrainer, TargetNet
 from dfka.amalgamation.routing import calibrate_routing
 from dfka.amalgamation.samples import SampleBank, Sampler, TrajectoryCollector
@@ -245,13 +246,31 @@ def regroup(
     with data_free("stage 3: regroup"):
         start = time.perf_counter()
         net = TargetNet.from_dual(dual, dual.teachers.label_tasks).to(device)
-        steps = 0
+        steps, extra = 0, {}
         if cfg.regroup.finetune is not None:
             rng = torch.Generator().manual_seed(cfg.seed + 3)
+            origin = origin_of(dual.teachers, cfg, bank)
+            trust = calibration = None
+            if origin is not None:
+                trust = bank_union_trust(union, bank, origin)
+                if cfg.regroup.origin.calibrate:
+                    union, calibration = calibrated_union(union, bank, origin)
+                    extra |= {f"union_bias.{name}": b for name, b in calibration.items()}
+                    extra["union_trust_calibrated"] = bank_union_trust(union, bank, origin)
             trainer = FinetuneTrainer(
-                net, union, cfg.regroup, bank.batches(cfg.regroup.batch_size, rng, device), device
+                net,
+                union,
+                cfg.regroup,
+                bank.batches(cfg.regroup.batch_size, rng, device),
+                device,
+                origin=origin,
+                teachers=dual.teachers,
+                union_weight=cfg.regroup.origin.union_kd,
+                seed=cfg.seed + 3,
             )
             state = {"net": net, "optimizer": trainer.optimizer, "batches": trainer.batches}
+            if origin is not None:
+                state["trainer"] = trainer
             at = checkpoints.restore(state) if checkpoints is not None else None
             offset = at.seconds if at else 0.0
             result = run_loop(
@@ -270,8 +289,59 @@ def regroup(
                 done = Position("finetune", result.steps, done=True, seconds=result.seconds)
                 checkpoints.save(state, done)
             steps = result.steps
+            extra |= dict(result.metrics)
+            if trust is not None:
+                extra["union_trust"] = trust  # diagnostic: how the raw union routes origin-known samples
     net.eval()
-    return net, StageReport(time.perf_counter() - start, steps, steps * cfg.regroup.batch_size)
+    return net, StageReport(time.perf_counter() - start, steps, steps * cfg.regroup.batch_size, extra)
+
+
+def origin_of(teachers: TeacherSet, cfg: AmalgamationConfig, bank: SampleBank) -> OriginSlots | None:
+    """The slots the bank's samples were generated for, or None when the bank carries no origin."""
+    origin = OriginSlots.of(teachers) if cfg.gan.conditional == "auto" else None
+    if origin is None or bank.tensors["z"].shape[1] != cfg.gan.latent_dim + origin.size:
+        return None
+    return origin
+
+
+#: origin-known samples enough to fit one offset per teacher and read the union's routing
+FIT_SAMPLES = 20000
+
+
+def _bank_scores(union: UnionRule, bank: SampleBank) -> torch.Tensor:
+    device = union.multiclass_mask.device
+    n = FIT_SAMPLES
+    return union({k: bank.tensors[f"logits.{k}"][:n].float().to(device) for k in bank.teacher_names})
+
+
+def _bank_slots(bank: SampleBank, origin: OriginSlots) -> torch.Tensor:
+    return origin.decode(bank.tensors["z"][:FIT_SAMPLES].float())
+
+
+def calibrated_union(
+    union: UnionRule, bank: SampleBank, origin: OriginSlots
+) -> tuple[UnionRule, dict[str, float]]:
+    """A copy of ``union`` with per-teacher offsets fitted on the bank's origin-known samples
+    (:func:`~dfka.amalgamation.origin.fit_routing_bias`); the shared rule is left as it is."""
+    import copy
+
+    with torch.no_grad():
+        scores = _bank_scores(union, bank)
+    bias = fit_routing_bias(scores, origin, _bank_slots(bank, origin))
+    out = copy.deepcopy(union)
+    with torch.no_grad():
+        for i, name in enumerate(origin.teachers):
+            out.bias[out.names.index(name)] += bias[i]
+    return out, {name: float(bias[i]) for i, name in enumerate(origin.teachers)}
+
+
+@torch.no_grad()
+def bank_union_trust(union: UnionRule, bank: SampleBank, origin: OriginSlots) -> float:
+    """:func:`union_trust` over the whole bank (the teachers' logits are stored with every sample)."""
+    logits = {
+        n: bank.tensors[f"logits.{n}"].float().to(union.multiclass_mask.device) for n in bank.teacher_names
+    }
+    return union_trust(union(logits), origin, origin.decode(bank.tensors["z"].float()))
 
 
 def _split(budget: Budget, shares: Sequence[float]) -> list[Budget]:

@@ -62,7 +62,7 @@ class Sampler:
         gen = self.gan.generator
         was_training = gen.training
         gen.train()
-        z = torch.randn(n, gen.latent_dim, generator=self.rng).to(self.device)
+        z = self.gan.sample_latent(n, self.rng, self.device)
         with frozen_bn_stats(gen):
             feats = gen(z)
         gen.train(was_training)

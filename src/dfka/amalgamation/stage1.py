@@ -38,6 +38,7 @@ from dfka.amalgamation.generator import GroupStackGenerator
 from dfka.amalgamation.losses import (
     BNStatsRecorder,
     InputRecorder,
+    RoutedBNStats,
     activation_loss,
     bn_recorder,
     info_entropy_loss,
@@ -46,6 +47,7 @@ from dfka.amalgamation.losses import (
     sparsity_loss,
     total_variation,
 )
+from dfka.amalgamation.origin import OriginSlots, diversity_hinge, own_label_loss, routing_loss, shift
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.errors import ConfigError
@@ -109,7 +111,10 @@ class AmalgamatingGAN(nn.Module):
         levels = [teachers.input_shape] + [teachers.level_shape(level) for level in range(1, blocks)]
         self.levels = levels
         widths = group_widths(cfg.widths, blocks)
-        self.generator = GroupStackGenerator(levels, cfg.latent_dim, widths)
+        #: origin-labelled synthesis (dfka.amalgamation.origin): the slot's one-hot rides in z
+        self.origin = OriginSlots.of(teachers) if cfg.conditional == "auto" else None
+        conditions = self.origin.size if self.origin is not None else 0
+        self.generator = GroupStackGenerator(levels, cfg.latent_dim + conditions, widths)
         # filters[level][teacher] for the generated feature at teacher level 1..B-1 (f_m^B is the identity)
         self.filters = nn.ModuleDict()
         for level in range(1, blocks):
@@ -136,10 +141,25 @@ class AmalgamatingGAN(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [*self.generator.parameters(), *self.filters.parameters()]
 
-    def losses(self, z: torch.Tensor) -> tuple[dict[str, torch.Tensor], SampleBatch]:
-        """Named loss parts (unweighted) for a latent batch, plus what was generated and scored."""
+    def sample_latent(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
+        """Latent codes: noise, plus (origin-labelled mode) the one-hot of a slot drawn in equal teacher shares."""
+        noise = torch.randn(n, self.cfg.latent_dim, generator=rng)
+        if self.origin is not None:
+            noise = self.origin.encode(noise, self.origin.draw(n, rng))
+        return noise.to(device)
+
+    def losses(
+        self, z: torch.Tensor, aug_rng: torch.Generator | None = None
+    ) -> tuple[dict[str, torch.Tensor], SampleBatch]:
+        """Named loss parts (unweighted) for a latent batch, plus what was generated and scored.
+
+        In origin-labelled mode (``aug_rng`` given) the image is shifted before the teachers see it, and
+        the batch carries that image: what the teachers scored."""
         feats = self.generator(z)
         image = feats[-1]
+        origin = self.origin
+        if origin is not None and aug_rng is not None:
+            image = shift(image, self.cfg.augment_shift, aug_rng)
         if self.bn_stats is not None:
             self.bn_stats.active = True
         logits = {name: model(image) for name, model in self.compute.items()}
@@ -149,7 +169,20 @@ class AmalgamatingGAN(nn.Module):
         parts, scores = generator_terms(self.teachers, self.union, logits, pre_head)
         mc = self.union.multiclass_mask
         zero = scores.new_zeros(())
-        parts["bn"] = self.bn_stats.term(self.teachers, logits) if self.bn_stats is not None else zero
+        if origin is not None:
+            # each sample is judged by its own teacher only; balance and ownership come from the slots
+            slots = origin.decode(z)
+            parts = {"oh": own_label_loss(self.teachers, origin, logits, slots)}
+            parts["div"] = diversity_hinge(feats[-1], slots, self.cfg.diversity_margin)
+            parts["route"] = routing_loss(scores, origin, slots)
+            if self.bn_stats is None:
+                parts["bn"] = zero
+            elif isinstance(self.bn_stats, RoutedBNStats):  # owner routing: by origin, not by claim
+                parts["bn"] = self.bn_stats.pop(origin.teacher_weights(slots, image))
+            else:
+                parts["bn"] = self.bn_stats.term(self.teachers, logits)
+        else:
+            parts["bn"] = self.bn_stats.term(self.teachers, logits) if self.bn_stats is not None else zero
 
         blocks = self.teachers.num_blocks
         if blocks > 1:
@@ -205,9 +238,9 @@ class GanTrainer:
         self.gan.train()
         lr = cosine_lr(self.cfg.lr, step, total)
         set_lr(self.optimizer, lr)
-        z = torch.randn(self.cfg.batch_size, self.cfg.latent_dim, generator=self.rng).to(self.device)
+        z = self.gan.sample_latent(self.cfg.batch_size, self.rng, self.device)
         with fast.autocast(self.device):
-            parts, generated = self.gan.losses(z)
+            parts, generated = self.gan.losses(z, self.rng)
             loss = self.gan.weighted(parts)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
