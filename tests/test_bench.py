@@ -427,3 +427,16 @@ def test_machine_line_names_each_setup_once_with_the_load_range() -> None:
     assert line.count("Test CPU") == 2 and "× 2 parallel jobs" in line
     assert line.endswith("load 1.2–2 at the runs' start")
     assert describe_all(runs[:1]).endswith("load 1.2 at start") and describe_all([]) == "unknown"
+
+
+def test_dfka_paper_row_runs_the_paper_method_under_the_same_budget() -> None:
+    from dfka.amalgamation.config import AmalgamationConfig
+    from dfka.bench.jobs import paper_config
+
+    dfka = AmalgamationConfig.model_validate({"budget_minutes": 4, "seed": 3, "student": "lenet5:1.0"})
+    paper = paper_config(dfka)
+    assert paper.preset == "paper" and paper.seed == 3 and paper.student == "lenet5:1.0"
+    assert paper.gan.conditional == "off" and paper.regroup.finetune is None and paper.gan.loss.bn == 0
+    # the fine-tune's share goes to block training: the total stays 4 minutes
+    assert paper.gan.budget.seconds + paper.blocks.budget.seconds == pytest.approx(240)
+    assert dfka.gan.conditional == "auto" and dfka.regroup.finetune is not None  # the dfka row is untouched

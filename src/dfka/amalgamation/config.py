@@ -132,12 +132,15 @@ class OriginLoss(_Strict):
     own_kd: float = Field(1.0, ge=0, description="KD from the origin teacher over its own labels")
     which: float = Field(1.0, ge=0, description="CE on which teacher the sample came from")
     union_kd: float = Field(
-        3.0,
+        2.0,
         ge=0,
         description="KD toward the teachers' (calibrated) union, beside the origin terms: it carries the "
         "teachers' own routing where they are calibrated",
     )
     temperature: float = Field(4.0, gt=0, description="τ of the own-teacher KD")
+    union_temperature: float = Field(
+        4.0, gt=0, description="τ of the union KD here (regroup.temperature is the plain fine-tune's)"
+    )
     calibrate: bool = Field(
         True, description="fit per-teacher offsets of the union on the origin-known samples before its KD"
     )

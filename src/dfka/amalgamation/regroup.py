@@ -237,7 +237,8 @@ class FinetuneTrainer:
         with fast.autocast(self.device):
             scores = self.net(image)
         scores = scores.float()
-        parts = {"union": union_loss(scores, target, self.union.multiclass_mask, self.cfg.temperature)}
+        tau = self.cfg.temperature if self.origin is None else self.cfg.origin.union_temperature
+        parts = {"union": union_loss(scores, target, self.union.multiclass_mask, tau)}
         if self.origin is None:
             loss = parts["union"]
         else:

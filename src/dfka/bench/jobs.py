@@ -13,7 +13,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -207,6 +207,16 @@ def _dfka(ctx: JobContext) -> Trained:
     return Trained(result.targetnet, dict(result.stages), samples)
 
 
+def paper_config(amal: AmalgamationConfig) -> AmalgamationConfig:
+    """The same run with ``preset: paper``: the Group-Stack Dual-GAN without dfka's additions, its budget
+    re-split over the stages the paper has."""
+    return AmalgamationConfig.model_validate({**amal.model_dump(exclude_unset=True), "preset": "paper"})
+
+
+def _dfka_paper(ctx: JobContext) -> Trained:
+    return _dfka(replace(ctx, amal=paper_config(ctx.amal)))
+
+
 def _dafl(ctx: JobContext) -> Trained:
     from dfka.baselines.dafl import train_dafl
 
@@ -294,6 +304,7 @@ def _layerwise(ctx: JobContext) -> Trained:
 TRAINERS: dict[str, Callable[[JobContext], Trained]] = {
     "ensemble": _ensemble,
     "dfka": _dfka,
+    "dfka-paper": _dfka_paper,
     "dafl": _dafl,
     "dfad": _dfad,
     "noise": _noise,
