@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import subprocess
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -186,6 +187,7 @@ def _header(student: str = "lenet5:0.5", weights: str = "w") -> dict:
             "teachers_flops": 2000,
             "per_teacher": {"t0": {"params": 1000, "flops": 2000}},
             "test_images": 2000,
+            "probe": {"split": "dev", "images": 100, "points": 20, "ensemble": 0.88},
         },
         "machine": {"cpu": "Test CPU", "cores": 2, "threads": 1, "torch": "2.x", "jobs": 1},
     }
@@ -204,7 +206,9 @@ def _run(method: str, seed: int, acc: float, budget: float = 1.0) -> dict:
         "flops": 500,
         "budget_minutes": budget,
         "threads": 1,
-        "machine": {"cpu": "Test CPU", "jobs": 1},
+        "machine": {"cpu": "Test CPU", "jobs": 1, "git": "abc1234"},
+        # reaches 0.95 × 0.88 (the probe's ensemble) = 0.836 at 30 s when acc does, else never
+        "curve": {"seconds": [0.0, 30.0, 60.0], "values": [0.1, acc, acc]},
     }
 
 
@@ -275,6 +279,8 @@ def test_report_tables_plot_and_readme_block(tmp_path: Path) -> None:
     assert "| **85.00 (1 seed)** |" in text and "**82.00" not in text  # bold: the best data-free mean
     assert "82.00 ± 2.83 |" in text  # the row's full seed count: no note
     assert (out / "README.md").is_file() and written["fake"]["markdown"] == out / "fake.md"
+    assert "time to 0.95× ensemble" in md and "| 30 s (1/2) |" in md  # dafl seed 0 (0.80) never reaches it
+    assert "| 30 s |" in md  # dfka's one seed does
     bare = tmp_path / "BARE.md"
     bare.write_text("# no markers\n")
     with pytest.raises(ConfigError, match="bench:start"):
@@ -330,7 +336,14 @@ def test_end_to_end_tiny_benchmark(tiny_yaml: Path, tmp_path: Path, monkeypatch,
     records = [json.loads(p.read_text().splitlines()[0]) for p in (tmp_path / "home").rglob("*.jsonl")]
     parents = [r for r in records if r["parent_local_id"] is None]
     assert len(parents) == 1 and len(records) == 1 + len(METHODS)
-    assert main(["bench", "report", "--out", str(out)]) == 0
+    runs = json.loads((out / "tiny.json").read_text())["runs"]
+    for key, run in runs.items():  # every trained method has an accuracy-vs-time curve on the probe set
+        if run["method"] != "ensemble":
+            curve = run["curve"]
+            assert curve["seconds"] == sorted(curve["seconds"]) and curve["values"], key
+            assert all(0.0 <= v <= 1.0 for v in curve["values"]), key
+    # this checkout may hold uncommitted edits; the refusal itself is tested on fixed records
+    assert main(["bench", "report", "--out", str(out), "--allow-dirty"]) == 0
     assert "tiny" in (out / "README.md").read_text()
 
 
@@ -440,3 +453,44 @@ def test_dfka_paper_row_runs_the_paper_method_under_the_same_budget() -> None:
     # the fine-tune's share goes to block training: the total stays 4 minutes
     assert paper.gan.budget.seconds + paper.blocks.budget.seconds == pytest.approx(240)
     assert dfka.gan.conditional == "auto" and dfka.regroup.finetune is not None  # the dfka row is untouched
+
+
+def test_report_refuses_rows_from_uncommitted_code_unless_allowed(tmp_path: Path, capsys) -> None:
+    from dfka.cli import main
+
+    out = tmp_path / "results"
+    data = open_results(out, _header())
+    add_run(data, _run("dafl", 0, 0.8))
+    dirty = _run("dfka", 0, 0.85)
+    dirty["machine"] = {**dirty["machine"], "git": "abc1234-dirty"}
+    add_run(data, dirty)
+    save_results(out, data)
+    assert main(["bench", "report", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "1 result row(s)" in err and "fake dfka/0 (abc1234-dirty)" in err and "--allow-dirty" in err
+    assert not (out / "fake.md").exists()
+    assert main(["bench", "report", "--out", str(out), "--allow-dirty"]) == 0
+    assert "**not from committed code**: fake dfka/0 (abc1234-dirty)" in (out / "fake.md").read_text()
+    rows = list(csv.DictReader((out / "fake.csv").open()))
+    assert {r["method"]: r["commit"] for r in rows} == {"dafl": "abc1234", "dfka": "abc1234-dirty"}
+
+
+def test_code_version_is_dirty_for_code_changes_not_for_benchmark_results(tmp_path: Path) -> None:
+    from dfka.bench.machine import git_version
+
+    def git(*args: str) -> None:
+        subprocess.run(["git", *args], cwd=tmp_path, check=True, capture_output=True)
+
+    git("init", "-q")
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    (tmp_path / "code.py").write_text("x = 1\n")
+    (tmp_path / "benchmarks" / "results" / "fake.json").write_text("{}\n")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init")
+    clean = git_version(tmp_path)
+    assert clean and not clean.endswith("-dirty")
+    (tmp_path / "benchmarks" / "results" / "fake.json").write_text('{"runs": {}}\n')  # a run wrote rows
+    assert git_version(tmp_path) == clean
+    (tmp_path / "code.py").write_text("x = 2\n")
+    assert git_version(tmp_path) == clean + "-dirty"
+    assert git_version(tmp_path / "no-such-dir") is None

@@ -20,9 +20,11 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from dfka.amalgamation.config import Budget
+from dfka.amalgamation.probe import active_probe
 
 StepFn = Callable[[int, int], dict[str, torch.Tensor]]
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -56,6 +58,7 @@ def run_loop(
     checkpoint_every: int = 0,
     step_offset: int = 0,
     elapsed_offset: float = 0.0,
+    model: nn.Module | None = None,
 ) -> LoopResult:
     """Run ``step_fn`` until the budget is spent; ``start_step`` resumes a cut-off run, and
     ``elapsed_offset`` (the loop seconds spent before the cut) makes a resumed time budget continue with
@@ -63,11 +66,15 @@ def run_loop(
 
     With a time budget the schedule length is re-estimated from the measured step rate as the run goes
     (``step · seconds / elapsed``), so the learning rate reaches its floor when the time runs out.
+
+    ``model`` is the complete model this loop trains (pixels to Y_cst scores), if it has one: an active
+    :class:`~dfka.amalgamation.probe.TimeProbe` scores it on its ticks, outside the time budget.
     """
     by_time = budget.steps is None
     if by_time and budget.seconds is None:
         raise ValueError("a budget needs steps or seconds")
     total = budget.steps or 10**9
+    probe = active_probe() if model is not None else None
     started = time.perf_counter()
     sums: dict[str, torch.Tensor] = {}
     count = 0
@@ -100,10 +107,14 @@ def run_loop(
             last = _flush(sums, count, prefix, bar, on_metrics, step_offset + step)
             sums, count = {}, 0
         bar.update(1)
+        if probe is not None:
+            started += probe.maybe(model)  # the probe's time is not training time
         if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
             checkpoint(step)
     if count:
         last = _flush(sums, count, prefix, bar, on_metrics, step_offset + step)
+    if probe is not None and step > start_step:
+        started += probe.maybe(model, force=True)  # where the loop left the model
     bar.close()
     return LoopResult(steps=step, seconds=elapsed_offset + time.perf_counter() - started, metrics=last)
 

@@ -284,6 +284,7 @@ def regroup(
                 elapsed_offset=offset,
                 checkpoint=checkpoints.hook(state, "finetune", offset=offset) if checkpoints else None,
                 checkpoint_every=checkpoints.every if checkpoints else 0,
+                model=net,
             )
             if checkpoints is not None and not (at and at.done and at.step == result.steps):
                 done = Position("finetune", result.steps, done=True, seconds=result.seconds)

@@ -127,7 +127,15 @@ def train_dafl(
             opt_s.step()
             return {"loss": loss_g.detach(), "kd": kd.detach(), **{k: v.detach() for k, v in parts.items()}}
 
-        result = run_loop(step, budget, desc="DAFL", prefix="dafl", on_metrics=on_metrics, progress=progress)
+        result = run_loop(
+            step,
+            budget,
+            desc="DAFL",
+            prefix="dafl",
+            on_metrics=on_metrics,
+            progress=progress,
+            model=student,
+        )
         if bn is not None:
             bn.remove()
         heads.remove()

@@ -116,7 +116,13 @@ def train_dfad(
 
         try:
             result = run_loop(
-                step, budget, desc="DFAD", prefix="dfad", on_metrics=on_metrics, progress=progress
+                step,
+                budget,
+                desc="DFAD",
+                prefix="dfad",
+                on_metrics=on_metrics,
+                progress=progress,
+                model=student,
             )
         finally:
             if bn is not None:

@@ -82,7 +82,13 @@ def train_kd_real(
         return {"loss": kd.detach(), "kd": kd.detach()}
 
     result = run_loop(
-        step, budget, desc="KD (real data)", prefix="kd_real", on_metrics=on_metrics, progress=progress
+        step,
+        budget,
+        desc="KD (real data)",
+        prefix="kd_real",
+        on_metrics=on_metrics,
+        progress=progress,
+        model=student,
     )
     student.eval()
     extra = dict(result.metrics) | {"epochs": result.steps * options.batch_size / len(images)}

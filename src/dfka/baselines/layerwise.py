@@ -274,7 +274,7 @@ def train_layerwise(
     stages: dict[str, StageReport] = {}
     offset = 0
 
-    def loop(name: str, step_fn, desc: str) -> None:
+    def loop(name: str, step_fn, desc: str, model: nn.Module | None = None) -> None:
         nonlocal offset
         result = run_loop(
             step_fn,
@@ -284,6 +284,7 @@ def train_layerwise(
             on_metrics=on_metrics,
             progress=progress,
             step_offset=offset,
+            model=model,
         )
         offset += result.steps
         stages[name] = StageReport(result.seconds, result.steps, result.steps * bs, dict(result.metrics))
@@ -348,6 +349,6 @@ def train_layerwise(
             opt.step()
             return {"loss": loss.detach()}
 
-        loop("finetune", finetune_step, "layer-wise: joint fine-tune")
+        loop("finetune", finetune_step, "layer-wise: joint fine-tune", model=folded)
     folded.eval()
     return folded, stages

@@ -104,7 +104,13 @@ def train_noise(
             return {"loss": kd.detach(), "kd": kd.detach()}
 
         result = run_loop(
-            step, budget, desc="noise KD", prefix="noise", on_metrics=on_metrics, progress=progress
+            step,
+            budget,
+            desc="noise KD",
+            prefix="noise",
+            on_metrics=on_metrics,
+            progress=progress,
+            model=student,
         )
     student.eval()
     report = StageReport(result.seconds, result.steps, result.steps * batch_size, dict(result.metrics))

@@ -31,6 +31,9 @@ Model = Callable[[torch.Tensor], torch.Tensor]
 BATCH = 256  # measured faster than 1000 for these small CPU models
 DEV_IMAGES = 10000
 DEV_SEED = 20261201
+#: Accuracy-vs-time curves score the model on the dev set's first PROBE_IMAGES, PROBE_POINTS times per budget.
+PROBE_IMAGES = 2000
+PROBE_POINTS = 20
 
 
 @dataclass
@@ -81,9 +84,12 @@ def build_eval_set(
     return EvalSet(images, targets, list(label_names), task, subtasks)
 
 
-def load_eval_set(dataset: str, teachers: TeacherSet, task: str, split: str = "test") -> EvalSet:
+def load_eval_set(
+    dataset: str, teachers: TeacherSet, task: str, split: str = "test", limit: int = DEV_IMAGES
+) -> EvalSet:
     """The benchmark's real test split over Y_cst (allowed in data-free stages: it is the test split),
-    or with ``split="dev"`` the fixed dev subset of the training split (see the module docstring)."""
+    or with ``split="dev"`` the fixed dev subset of the training split (see the module docstring); its
+    first ``limit`` images with a smaller ``limit`` (the probe set is the dev set's first ``PROBE_IMAGES``)."""
     from dfka.data import load_split
 
     if split == "test":
@@ -92,18 +98,29 @@ def load_eval_set(dataset: str, teachers: TeacherSet, task: str, split: str = "t
     elif split == "dev":
         if dataset == "mosaic":
             part = load_split(
-                dataset, "train", labels=teachers.target_labels, task=task, n=DEV_IMAGES, seed=DEV_SEED
+                dataset, "train", labels=teachers.target_labels, task=task, n=limit, seed=DEV_SEED
             )
             images, targets = part.tensors()
         else:
             part = load_split(dataset, "train", labels=teachers.target_labels, task=task)
             images, targets = part.tensors()
             pick = torch.randperm(len(images), generator=torch.Generator().manual_seed(DEV_SEED))
-            pick = pick[:DEV_IMAGES].sort().values
+            pick = pick[:limit].sort().values
             images, targets = images[pick], targets[pick]
     else:
         raise ValueError(f"unknown evaluation split {split!r} (test or dev)")
     return build_eval_set(images, targets, part.label_names, task, teachers)
+
+
+def probe_score(ev: EvalSet) -> Callable[[torch.nn.Module], float]:
+    """The union metric of a model on ``ev``, for a :class:`~dfka.amalgamation.probe.TimeProbe`."""
+
+    def score(model: torch.nn.Module) -> float:
+        device = next(model.parameters()).device
+        scores = predict(model, ev.images.to(device), batch_size=BATCH).cpu()
+        return metric_value(scores, ev.targets, ev.task)
+
+    return score
 
 
 def metric_value(scores: torch.Tensor, targets: torch.Tensor, task: str) -> float:

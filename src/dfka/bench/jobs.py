@@ -22,11 +22,21 @@ import torch
 from torch import nn
 
 from dfka.amalgamation.config import AmalgamationConfig, Budget
+from dfka.amalgamation.probe import TimeProbe, probing
 from dfka.amalgamation.run import StageReport, teacher_set_from_bundles
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule
 from dfka.bench.config import DATA_FREE, WITH_DATA, BenchmarkConfig
-from dfka.bench.evaluate import EvalSet, agreement, evaluate_model, evaluate_teachers, load_eval_set
+from dfka.bench.evaluate import (
+    PROBE_IMAGES,
+    PROBE_POINTS,
+    EvalSet,
+    agreement,
+    evaluate_model,
+    evaluate_teachers,
+    load_eval_set,
+    probe_score,
+)
 from dfka.bundles import TeacherBundle, load_bundle
 from dfka.data.guard import data_free
 from dfka.models import count_flops, count_params
@@ -109,8 +119,28 @@ def reference_metrics(
         "test_images": len(ev),
         "subtask_images": {n: len(s.index) for n, s in ev.subtasks.items()},
         "rule": rule,
+        "probe": _probe_reference(cfg, teachers, union),
     }
     return reference, scores.numpy()
+
+
+def load_probe_set(cfg: BenchmarkConfig, teachers: TeacherSet) -> EvalSet:
+    """The images the accuracy-vs-time curves are scored on: the dev set's first ``PROBE_IMAGES``
+    (training-split images, so never the test split; loaded outside the data-free guard, only scored)."""
+    return load_eval_set(cfg.dataset, teachers, cfg.task, "dev", limit=PROBE_IMAGES)
+
+
+def _probe_reference(cfg: BenchmarkConfig, teachers: TeacherSet, union: UnionRule) -> dict[str, Any]:
+    from dfka.baselines.ensemble import TeacherEnsemble
+
+    probe = load_probe_set(cfg, teachers)
+    metrics, _ = evaluate_model(TeacherEnsemble(teachers, union), probe)
+    return {
+        "split": "dev",
+        "images": len(probe),
+        "points": PROBE_POINTS,
+        "ensemble": metrics[f"union_{probe.metric}"],
+    }
 
 
 def ensemble_result(seed: int, reference: dict[str, Any], threads: int | None) -> JobResult:
@@ -158,6 +188,8 @@ class JobResult:
     seconds_wall: float = 0.0
     error: str | None = None
     history: list[tuple[dict[str, float], int]] = field(default_factory=list)
+    #: union metric on the probe set against training wall-clock: {"seconds": [...], "values": [...]}
+    curve: dict[str, list[float]] = field(default_factory=dict)
 
 
 @dataclass
@@ -366,7 +398,14 @@ def run_job(spec: JobSpec, on_metrics: MetricsCallback | None = None) -> JobResu
             progress=spec.progress,
             train_images=load_train_images(cfg) if spec.method in WITH_DATA else None,
         )
-        trained = train_method(ctx, spec.method)
+        probe = TimeProbe(60 * budget / PROBE_POINTS, probe_score(load_probe_set(cfg, teachers)))
+        try:
+            with probing(probe):
+                trained = train_method(ctx, spec.method)
+            if not probe.values:  # no loop trained a complete model (preset paper: no fine-tune)
+                probe.maybe(trained.model, force=True)
+        finally:
+            result.curve = probe.curve()
         _score(result, trained, teachers, union, ev, spec)
         result.status = "ok"
     except Exception as err:  # one failed job must not lose the other jobs' results

@@ -25,12 +25,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown CPU"
 
 
-def git_version() -> str | None:
-    """``git describe --always --dirty`` of the checkout dfka runs from, if it is one."""
+#: Result files a benchmark run writes itself: changed results do not make the code "dirty".
+RESULTS_DIR = "benchmarks/results/"
+
+
+def _git(where: Path, *args: str) -> str | None:
     try:
         out = subprocess.run(
-            ["git", "describe", "--always", "--dirty"],
-            cwd=Path(__file__).resolve().parent,
+            ["git", *args],
+            cwd=where,
             capture_output=True,
             text=True,
             timeout=5,
@@ -38,9 +41,26 @@ def git_version() -> str | None:
         )
     except (OSError, subprocess.SubprocessError):
         return None
-    if out.returncode != 0:
+    return out.stdout if out.returncode == 0 else None
+
+
+def git_version(where: Path | None = None) -> str | None:
+    """The short commit of the checkout dfka runs from (or ``where``), ``-dirty`` when tracked files other
+    than the benchmark results differ from it; None outside a git checkout."""
+    where = where or Path(__file__).resolve().parent
+    if not where.is_dir():
         return None
-    return out.stdout.strip() or None
+    head = _git(where, "rev-parse", "--short", "HEAD")
+    if not head:
+        return None
+    status = _git(where, "status", "--porcelain", "--untracked-files=no") or ""
+    changed = [line[3:] for line in status.splitlines() if line[3:] and not line[3:].startswith(RESULTS_DIR)]
+    return head.strip() + ("-dirty" if changed else "")
+
+
+def is_clean_commit(version: str | None) -> bool:
+    """Whether a recorded code version names a commit and no uncommitted change."""
+    return bool(version) and not str(version).endswith("-dirty")
 
 
 def machine_info(threads: int | None = None, jobs: int = 1) -> dict[str, Any]:

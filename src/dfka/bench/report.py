@@ -8,19 +8,23 @@ from __future__ import annotations
 
 import math
 import statistics
+import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from dfka.amalgamation.probe import time_to_reach
 from dfka.bench.config import DATA_FREE, KIND, METHODS, WITH_DATA
-from dfka.bench.machine import describe_all
+from dfka.bench.machine import describe_all, is_clean_commit
 from dfka.bench.results import atomic_write, csv_path, json_path, load_results, sorted_runs, write_csv
 from dfka.errors import ConfigError
 
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
 METRIC_NAME = {"acc": "top-1 accuracy", "map": "mAP"}
+#: "time to REACH × ensemble", read off the accuracy-vs-time curves (dev probe set)
+REACH = 0.95
 
 
 # --- statistics ----------------------------------------------------------------------------------------
@@ -62,8 +66,35 @@ def method_stats(data: dict[str, Any]) -> dict[str, dict[str, Any]]:
         stats["flops"] = runs[0].get("flops")
         stats["budgets"] = sorted({r.get("budget_minutes") for r in runs if r.get("budget_minutes")})
         stats["threads"] = sorted({r.get("threads") for r in runs if r.get("threads")})
+        stats["time_to_reach"] = _times_to_reach(data, runs)
         out[method] = stats
     return out
+
+
+def probe_target(data: dict[str, Any]) -> float | None:
+    """``REACH`` × the ensemble's union metric on the probe set (the curves' reference), if recorded."""
+    ens = data.get("reference", {}).get("probe", {}).get("ensemble")
+    return REACH * ens if ens is not None else None
+
+
+def _times_to_reach(data: dict[str, Any], runs: list[dict[str, Any]]) -> list[float | None] | None:
+    """Per run with a curve: the first probe time at ``probe_target``, None where it never got there."""
+    target = probe_target(data)
+    curves = [r["curve"] for r in runs if r.get("curve", {}).get("seconds")]
+    if target is None or not curves:
+        return None
+    return [time_to_reach(c, target) for c in curves]
+
+
+def reach_text(times: list[float | None] | None) -> str:
+    """``95 s`` (every seed), ``95 s (2/3)`` (mean of the seeds that got there), ``not reached``, ``—``."""
+    if not times:
+        return "—"
+    hit = [t for t in times if t is not None]
+    if not hit:
+        return "not reached"
+    text = f"{statistics.fmean(hit):.0f} s"
+    return text if len(hit) == len(times) else f"{text} ({len(hit)}/{len(times)})"
 
 
 # --- formatting ----------------------------------------------------------------------------------------
@@ -134,13 +165,19 @@ def benchmark_markdown(data: dict[str, Any]) -> str:
         f"{', '.join(WITH_DATA)} learn from real unlabeled training images and are references, not competitors.",
         "- **Wall-clock** counts training stages only (teacher training and evaluation are excluded; dfka's "
         "includes its sample export and regroup). `agreement`: how often the model predicts what the ensemble does.",
+        f"- **Time to {REACH:g}× ensemble**: the first wall-clock at which the model scored {REACH:g}× the "
+        "ensemble's union metric on the probe set (the dev split's first "
+        f"{ref.get('probe', {}).get('images', '?')} training images, scored {ref.get('probe', {}).get('points', '?')} "
+        "times per budget outside the budget; never used to pick a model); mean over the seeds that got "
+        "there. A method has a curve from its first complete model on (dfka: from the fine-tune).",
         f"- **Machine**: {_machines([data])}; updated {data.get('updated', '?')}"
         + (f"; code {machine['git']}" if machine.get("git") else "")
         + ".",
         "",
     ]
     header = ["method", "kind", f"union {m}"] + [f"{t}" for t in teachers]
-    header += ["agreement", "params", "FLOPs", "budget", "seconds", "seconds per stage", "seeds"]
+    header += ["agreement", "params", "FLOPs", "budget", "seconds", f"time to {REACH:g}× ensemble"]
+    header += ["seconds per stage", "seeds"]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     tp, tf = ref.get("teachers_params"), ref.get("teachers_flops")
     for t in teachers:
@@ -156,6 +193,7 @@ def benchmark_markdown(data: dict[str, Any]) -> str:
             human(per.get("flops")),
             f"{epochs} epochs" if epochs else "—",
             secs((rec["train_seconds"], 0.0)) if rec.get("train_seconds") else "—",
+            "—",
             "train (real labels)",
             "—",
         ]
@@ -174,6 +212,7 @@ def benchmark_markdown(data: dict[str, Any]) -> str:
             human(flops) + (f" ({flops / tf:.2f}×)" if flops and tf else ""),
             _budget_text(method, s),
             secs(s.get("seconds.total"), n),
+            "—" if method == "ensemble" else reach_text(s.get("time_to_reach")),
             " · ".join(f"{st} {secs(s.get(f'seconds.{st}'))}" for st in s["stages"]) or "—",
             str(n),
         ]
@@ -200,6 +239,9 @@ def benchmark_markdown(data: dict[str, Any]) -> str:
         lines.append("")
 
     notes = consistency_notes(data, stats)
+    dirty = uncommitted_rows([data])
+    if dirty:
+        notes.append("**not from committed code**: " + ", ".join(dirty))
     failed = [r for r in sorted_runs(data) if r["status"] != "ok"]
     if notes or failed:
         lines += ["## Notes", ""]
@@ -245,8 +287,25 @@ def consistency_notes(data: dict[str, Any], stats: dict[str, dict[str, Any]]) ->
 # --- plots -----------------------------------------------------------------------------------------------
 
 
+def mean_curve(curves: list[dict[str, list[float]]], grid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std over seeds of step-wise curves on ``grid``: each seed holds its last probe value
+    (NaN before its first probe and after its last one), so a seed counts only where it has a model."""
+    rows = []
+    for c in curves:
+        t, v = np.asarray(c["seconds"], float), np.asarray(c["values"], float)
+        at = np.searchsorted(t, grid, side="right") - 1
+        row = np.where(at >= 0, v[np.clip(at, 0, None)], np.nan)
+        row[grid > t[-1]] = np.nan
+        rows.append(row)
+    block = np.vstack(rows)
+    with np.errstate(all="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns: no seed has a model there
+        return np.nanmean(block, 0), np.nanstd(block, 0)
+
+
 def plot_accuracy_vs_time(data: dict[str, Any], path: Path) -> Path:
-    """Final union metric against total training wall-clock, mean ± std over seeds, one point per method."""
+    """Left: the union metric on the probe set during training, mean ± std over seeds, per method, with
+    the ensemble and ``REACH`` × ensemble. Right: final models on the evaluation split, one point per method."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -254,11 +313,58 @@ def plot_accuracy_vs_time(data: dict[str, Any], path: Path) -> Path:
 
     m = data["metric"]
     stats = method_stats(data)
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, (curves_ax, ax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    markers = {
+        "dfka": "*",
+        "dfka-paper": "P",
+        "dafl": "o",
+        "dfad": "s",
+        "noise": "x",
+        "kd-real": "^",
+        "layerwise": "v",
+    }
+    colors = {method: f"C{i}" for i, method in enumerate(METHODS)}
+    probe = data.get("reference", {}).get("probe", {})
+    if probe.get("ensemble") is not None:
+        e = 100 * probe["ensemble"]
+        curves_ax.axhline(e, color="0.4", ls="--", lw=1, label=f"ensemble {e:.2f}")
+        curves_ax.axhline(REACH * e, color="0.6", ls=":", lw=1, label=f"{REACH:g}× ensemble")
+    drawn = False
+    for method in METHODS:
+        s = stats.get(method)
+        curves = [r["curve"] for r in (s or {}).get("runs", []) if r.get("curve", {}).get("seconds")]
+        if method == "ensemble" or not curves:
+            continue
+        end = max(c["seconds"][-1] for c in curves)
+        grid = np.linspace(0.0, end, 200)
+        mean, std = mean_curve(curves, grid)
+        hollow = method in WITH_DATA
+        curves_ax.plot(
+            grid,
+            100 * mean,
+            color=colors[method],
+            ls="--" if hollow else "-",
+            lw=2 if method == "dfka" else 1.2,
+            label=f"{method}{' (real data)' if hollow else ''}",
+        )
+        curves_ax.plot(grid[-1], 100 * mean[-1], marker=markers.get(method, "o"), color=colors[method], ms=6)
+        curves_ax.fill_between(grid, 100 * (mean - std), 100 * (mean + std), color=colors[method], alpha=0.15)
+        drawn = True
+    curves_ax.set_xlabel("training wall-clock (s)")
+    curves_ax.set_ylabel(f"union {METRIC_NAME[m]} on the probe set (%)")
+    curves_ax.set_title(
+        f"during training: {probe.get('images', '?')} dev images, mean ± std over seeds"
+        if drawn
+        else "no curves recorded (runs older than the probe)",
+        fontsize=10,
+    )
+    curves_ax.grid(alpha=0.3)
+    if drawn:
+        curves_ax.legend(fontsize=7, loc="lower right")
+
     ens = data.get("reference", {}).get("ensemble", {}).get(f"union_{m}")
     if ens is not None:
         ax.axhline(100 * ens, color="0.4", ls="--", lw=1, label=f"ensemble {100 * ens:.2f}")
-    markers = {"dfka": "*", "dafl": "o", "dfad": "s", "noise": "x", "kd-real": "^", "layerwise": "v"}
     for method in METHODS:
         s = stats.get(method)
         if method == "ensemble" or s is None or s.get(f"union_{m}") is None:
@@ -271,6 +377,7 @@ def plot_accuracy_vs_time(data: dict[str, Any], path: Path) -> Path:
             xerr=ex,
             yerr=100 * ey,
             fmt=markers.get(method, "o"),
+            color=colors[method],
             ms=11 if method == "dfka" else 7,
             mfc="none" if hollow else None,
             capsize=3,
@@ -279,7 +386,10 @@ def plot_accuracy_vs_time(data: dict[str, Any], path: Path) -> Path:
     ax.set_xlabel("training wall-clock per run (s)")
     ax.set_ylabel(f"union {METRIC_NAME[m]} (%)")
     n = max((len(s["seeds"]) for s in stats.values()), default=0)
-    ax.set_title(f"{data['benchmark']}: final models, mean ± std over {n} seed(s)", fontsize=10)
+    split = "dev" if data.get("config", {}).get("eval_split") == "dev" else "test"
+    ax.set_title(
+        f"{data['benchmark']}: final models on the {split} split, mean ± std over {n} seed(s)", fontsize=10
+    )
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.text(0.01, 0.01, _machines([data]), fontsize=6, color="0.4")
@@ -368,7 +478,9 @@ def headline_table(datas: list[dict[str, Any]], link_prefix: str = "") -> str:
         datas, key=lambda d: (order.index(d["benchmark"]) if d["benchmark"] in order else 99, d["benchmark"])
     )
     methods = [m for m in METHODS if any(m in method_stats(d) for d in datas)]
+    reach = [m for m in ("dfka", "dfka-paper", "dafl", "dfad") if m in methods]
     header = ["benchmark", "metric", "teachers (own labels)", *methods, "budget"]
+    header.append(f"time to {REACH:g}× ensemble ({' / '.join(reach)})")
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for d in datas:
         m = d["metric"]
@@ -386,6 +498,9 @@ def headline_table(datas: list[dict[str, Any]], link_prefix: str = "") -> str:
             cells.append(f"**{cell}**" if method == best else cell)
         budgets = sorted({b for mm in DATA_FREE if mm in stats for b in stats[mm]["budgets"]})
         cells.append("/".join(f"{b:g}" for b in budgets) + " min" if budgets else "—")
+        cells.append(
+            " / ".join(reach_text(stats[mm].get("time_to_reach")) if mm in stats else "—" for mm in reach)
+        )
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -455,12 +570,35 @@ def update_readme(readme: str | Path, block: str) -> Path:
     return path
 
 
-def write_report(out_dir: str | Path, readme: str | Path | None = None) -> dict[str, Any]:
-    """Regenerate every benchmark's outputs in ``out_dir`` and its summary; optionally the README block."""
+def uncommitted_rows(datas: list[dict[str, Any]]) -> list[str]:
+    """``benchmark method/seed (code)`` of every row not run on a clean, known commit."""
+    rows = []
+    for d in datas:
+        for r in sorted_runs(d):
+            if r["method"] != "ensemble" and not is_clean_commit(r.get("machine", {}).get("git")):
+                rows.append(
+                    f"{d['benchmark']} {r['method']}/{r['seed']} ({r.get('machine', {}).get('git') or 'unknown commit'})"
+                )
+    return rows
+
+
+def write_report(
+    out_dir: str | Path, readme: str | Path | None = None, *, allow_dirty: bool = False
+) -> dict[str, Any]:
+    """Regenerate every benchmark's outputs in ``out_dir`` and its summary; optionally the README block.
+    Refuses rows that ran on uncommitted code (or an unknown commit) unless ``allow_dirty``."""
     out = Path(out_dir)
     datas = all_results(out)
     if not datas:
         raise ConfigError(f"no benchmark results in {out}", "run `dfka bench run NAME --out DIR` first")
+    dirty = uncommitted_rows(datas)
+    if dirty and not allow_dirty:
+        shown = ", ".join(dirty[:4]) + (f" and {len(dirty) - 4} more" if len(dirty) > 4 else "")
+        raise ConfigError(
+            f"{len(dirty)} result row(s) in {out} ran on uncommitted code: {shown}",
+            "commit, re-run those rows (`dfka bench run NAME --methods M --seeds S`) from the clean checkout, "
+            "or pass --allow-dirty to publish them marked as uncommitted",
+        )
     written: dict[str, Any] = {d["benchmark"]: write_benchmark_outputs(out, d["benchmark"]) for d in datas}
     summary = out / "README.md"
     atomic_write(summary, summary_markdown(datas))

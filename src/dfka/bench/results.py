@@ -199,6 +199,7 @@ def run_row(data: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
             "jobs": machine.get("jobs"),
             "cpu": machine.get("cpu"),
             "torch": machine.get("torch"),
+            "commit": machine.get("git"),
             "date": run.get("date"),
         }
     )
@@ -207,7 +208,7 @@ def run_row(data: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
 
 def csv_rows(data: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     rows = [run_row(data, r) for r in sorted_runs(data)]
-    tail = ("budget_minutes", "threads", "jobs", "cpu", "torch", "date")
+    tail = ("budget_minutes", "threads", "jobs", "cpu", "torch", "commit", "date")
     m = data["metric"]
     head = [*LEADING, f"union_{m}", f"ensemble_union_{m}"]
     keys: list[str] = []

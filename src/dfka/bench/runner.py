@@ -27,7 +27,7 @@ from typing import Any
 
 from dfka.bench.config import KIND, METHODS, BenchmarkConfig, load_benchmark, parse_benchmark
 from dfka.bench.jobs import JobResult, JobSpec, ensemble_result, prepare_teachers, reference_metrics, run_job
-from dfka.bench.machine import describe, machine_info
+from dfka.bench.machine import describe, is_clean_commit, machine_info
 from dfka.bench.report import write_benchmark_outputs
 from dfka.bench.results import open_results, record_run
 from dfka.errors import ConfigError, DfkaError
@@ -123,6 +123,12 @@ def run_benchmark(
     per_job_threads = threads or cfg.threads or 1
     machine = machine_info(per_job_threads, jobs)
     log.info("benchmark %s on %s", cfg.name, describe(machine))
+    if not is_clean_commit(machine.get("git")):
+        log.warning(
+            "code version %s is not a clean commit: `dfka bench report` will refuse these rows unless "
+            "--allow-dirty (commit first to publish them)",
+            machine.get("git") or "unknown",
+        )
 
     teacher_records = prepare_teachers(cfg, threads=threads or cfg.threads, progress=progress)
     teacher_dirs = {n: r["bundle"] for n, r in teacher_records.items()}

@@ -52,6 +52,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="also replace the block between <!-- bench:start --> and <!-- bench:end --> in the README",
     )
     report.add_argument("--readme", default="README.md", help="README to update (default ./README.md)")
+    report.add_argument(
+        "--allow-dirty",
+        action="store_true",
+        help="publish rows that ran on uncommitted code (or an unknown commit); they are marked as such",
+    )
     report.set_defaults(func=_report)
 
     ls = cmds.add_parser("list", help="the available benchmarks, their budgets and result status")
@@ -106,7 +111,9 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from dfka.bench.report import write_report
 
-    written = write_report(args.out, readme=args.readme if args.update_readme else None)
+    written = write_report(
+        args.out, readme=args.readme if args.update_readme else None, allow_dirty=args.allow_dirty
+    )
     for name, outputs in written.items():
         if isinstance(outputs, dict):
             print(
