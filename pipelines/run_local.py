@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -23,6 +24,7 @@ from typing import Any
 from dfka import storage
 from dfka.errors import DfkaError
 from dfka.pipeline_config import GIT_COMMIT_ENV, RUN_ID_ENV, STAGES, ExperimentConfig, RetrySettings
+from dfka.run_lock import check_run_id, die_with_parent, processes_with_env, run_lock, stop_leftovers
 from dfka.runtime import env_var
 from dfka.settings import default_bucket, dfka_home, load_stack_env, redact
 from dfka.stages.context import (
@@ -34,6 +36,7 @@ from dfka.stages.context import (
 )
 
 log = logging.getLogger("dfka.pipeline")
+PARENT_PID_ENV = "DFKA_PARENT_PID"  # set by dfka.pipeline_runner.run_module
 
 
 def git_commit(cwd: Path | None = None) -> str:
@@ -74,17 +77,25 @@ def run(
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline locally; return the summary (results, per-stage times, links)."""
-    from kfp import local
-
-    from pipelines.dfka_pipeline import build
-
     cfg = ExperimentConfig.load(config_path)
     ensure_stack()
     # bad bundles, labels or method settings fail here, in seconds and in one line, not in a stage
     from dfka.stages.ingest import preflight
 
     preflight(cfg)
-    run_id = run_id or new_local_run_id()
+    run_id = check_run_id(run_id) if run_id else new_local_run_id()
+    with run_lock(dfka_home(), run_id):  # one runner per run id; the kernel frees it however we die
+        return _run_locked(cfg, config_path, run_id, local_root, verbose)
+
+
+def _run_locked(
+    cfg: ExperimentConfig, config_path: str, run_id: str, local_root: str | None, verbose: bool
+) -> dict[str, Any]:
+    from kfp import local
+
+    from pipelines.dfka_pipeline import build
+
+    stop_leftovers(RUN_ID_ENV, run_id)  # stages of a killed runner of this id must not race this one
     os.environ[RUN_ID_ENV] = run_id
     os.environ.setdefault(GIT_COMMIT_ENV, git_commit())
     if cfg.pipeline.threads is not None:  # the experiment's setting wins over the shell's
@@ -111,11 +122,15 @@ def run(
     settings = cfg.pipeline.model_copy(update={"retries": RetrySettings(num_retries=0)})
     # each kfp.local task leaves a mktemp folder behind (platform notes §1a): give them one to leave
     scratch = root / f".tmp-{run_id}"
+    if scratch.exists():  # left by a killed runner of this id (we hold the lock: nobody uses it)
+        log.info("removing %s, left over from an earlier runner of run %s", scratch, run_id)
+        shutil.rmtree(scratch)
     scratch.mkdir()
     started = time.perf_counter()
     try:
         with contextlib.ExitStack() as stack:
             stack.callback(shutil.rmtree, scratch, True)
+            stack.enter_context(_stages_stop_on_sigterm(run_id))
             stack.enter_context(env_var("TMPDIR", str(scratch)))
             if not verbose:  # kfp.local prints each stage's output (and its full executor input) to stdout
                 log_stream = stack.enter_context(logfile.open("w"))
@@ -132,6 +147,28 @@ def run(
     summary["config"] = str(config_path)
     summary["log"] = str(logfile)
     return summary
+
+
+@contextlib.contextmanager
+def _stages_stop_on_sigterm(run_id: str):
+    """On SIGTERM, stop this run's stage processes first (kfp.local waits for the running one), then
+    exit 143 through the normal clean-up: the parent MLflow run is marked failed, the scratch removed."""
+
+    def stop(signum: int, frame: Any) -> None:
+        print(
+            f"dfka pipeline: run {run_id} stopped (signal {signum}); the same command resumes it",
+            file=sys.stderr,
+        )
+        for pid in processes_with_env(RUN_ID_ENV, run_id):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 class _Progress:
@@ -278,6 +315,8 @@ def main(argv: list | None = None) -> int:
     )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if os.environ.get(PARENT_PID_ENV, "").isdigit():  # started by `dfka pipeline run`: die with it
+        die_with_parent(int(os.environ.pop(PARENT_PID_ENV)))
     try:
         summary = run(args.config, local_root=args.local_root, run_id=args.run_id, verbose=args.verbose)
     except DfkaError as err:

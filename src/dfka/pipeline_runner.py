@@ -43,6 +43,7 @@ def run_module(module: str, args: Sequence[str], *, root: Path | None = None) ->
     root = root or project_root()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
+    env["DFKA_PARENT_PID"] = str(os.getpid())  # the runner stops when this command is killed
     return subprocess.run([sys.executable, "-m", f"pipelines.{module}", *args], cwd=root, env=env).returncode
 
 
