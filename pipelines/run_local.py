@@ -77,13 +77,15 @@ def run(
     verbose: bool = False,
 ) -> dict[str, Any]:
     """Run the pipeline locally; return the summary (results, per-stage times, links)."""
+    if run_id:
+        check_run_id(run_id)
     cfg = ExperimentConfig.load(config_path)
     ensure_stack()
     # bad bundles, labels or method settings fail here, in seconds and in one line, not in a stage
     from dfka.stages.ingest import preflight
 
     preflight(cfg)
-    run_id = check_run_id(run_id) if run_id else new_local_run_id()
+    run_id = run_id or new_local_run_id()
     with run_lock(dfka_home(), run_id):  # one runner per run id; the kernel frees it however we die
         return _run_locked(cfg, config_path, run_id, local_root, verbose)
 

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -299,3 +300,255 @@ def test_cli_prints_one_error_with_a_fix_and_no_traceback(stack_env, pristine: P
         assert re.match(expected[name], lines[0]), f"{name}: {lines[0]}"
         assert lines[1].startswith("  fix: ") and len(lines[1]) > 12
         assert "dfka pipeline: run" not in out  # refused before any stage started
+
+
+# ---------------------------------------------------------------- hostile inputs at the CLI (issue #15)
+
+BOMB = (
+    "a: &a [x, x, x, x, x, x, x, x, x]\n"
+    + "".join(
+        f"{c}: &{c} [{', '.join(['*' + p] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi", strict=True)
+    )
+    + "target_labels: *i\n"
+)
+
+
+def _reseal(bundle: Path) -> None:
+    weights = bundle / WEIGHTS_NAME
+    data = json.loads((bundle / MANIFEST_NAME).read_text())
+    data["weights"].update(sha256=sha256_file(weights), bytes=weights.stat().st_size)
+    (bundle / MANIFEST_NAME).write_text(json.dumps(data))
+
+
+def _manifest(key: str, value: Any) -> Callable[[Path], None]:
+    def apply(bundle: Path) -> None:
+        data = json.loads((bundle / MANIFEST_NAME).read_text())
+        node = data
+        *parents, last = key.split(".")
+        for k in parents:
+            node = node[k]
+        node[last] = value
+        (bundle / MANIFEST_NAME).write_text(json.dumps(data))
+
+    return apply
+
+
+def _deep_manifest(bundle: Path) -> None:
+    (bundle / MANIFEST_NAME).write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _negative_bn_variance(bundle: Path) -> None:
+    state = load_file(str(bundle / WEIGHTS_NAME))
+    key = next(k for k in state if k.endswith("running_var"))
+    state[key] = -state[key].abs() - 1
+    save_file(state, str(bundle / WEIGHTS_NAME))
+    _reseal(bundle)
+
+
+@dataclass
+class CliCase:
+    id: str
+    args: Callable[[Path, list[str]], list[str]]  # (tmp dir, the two teacher dirs) -> dfka arguments
+    text: str  # a regex the `error:` line must match
+    damage: Callable[[Path], None] | None = None  # applied to teacher a's bundle
+
+
+def _amalgamate(*extra: str, config: str | bytes | None = None) -> Callable[[Path, list[str]], list[str]]:
+    def args(tmp: Path, teachers: list[str]) -> list[str]:
+        out = ["amalgamate", "--teachers", *teachers, "--eval-dataset", "mnist", "--budget-minutes", "0.05"]
+        if config is not None:
+            path = tmp / "config.yaml"
+            path.write_bytes(config) if isinstance(config, bytes) else path.write_text(config)
+            out += ["--config", str(path)]
+        extra_args = [a.replace("{tmp}", str(tmp)) for a in extra]
+        return out + (extra_args if "--out" in extra else [*extra_args, "--out", str(tmp / "out")])
+
+    return args
+
+
+def _file(name: str, text: str, *command: str) -> Callable[[Path, list[str]], list[str]]:
+    def args(tmp: Path, _: list[str]) -> list[str]:
+        (tmp / name).write_text(text)
+        return [a.replace("{file}", str(tmp / name)) for a in command]
+
+    return args
+
+
+CLI_CASES = [
+    # numbers that must be finite, in range
+    CliCase(
+        "nan-loss-weight",
+        _amalgamate(config="gan: {loss: {oh: .nan}}\n"),
+        r"gan\.loss\.oh: Input should be a finite number",
+    ),
+    CliCase(
+        "inf-learning-rate",
+        _amalgamate(config="gan: {lr: .inf}\n"),
+        r"gan\.lr: Input should be a finite number",
+    ),
+    CliCase(
+        "inf-budget",
+        _amalgamate("--budget-minutes", "inf"),
+        r"budget_minutes: Input should be a finite number",
+    ),
+    CliCase("seed-beyond-63-bits", _amalgamate("--seed", str(2**70)), r"seed: Input should be less than"),
+    # config files that are not a dfka config
+    CliCase(
+        "yaml-alias-bomb",
+        _amalgamate(config=BOMB),
+        r"expands to more than 100,000 values through its YAML aliases",
+    ),
+    CliCase("config-is-a-list", _amalgamate(config="- 1\n- 2\n"), r"holds a YAML list, not a mapping"),
+    CliCase("config-is-a-string", _amalgamate(config="hello\n"), r"holds a YAML str, not a mapping"),
+    CliCase("config-not-utf8", _amalgamate(config=b"\xff\xfe\x00bad"), r"is not UTF-8 text"),
+    CliCase(
+        "bad-teacher-zoo",
+        _file(
+            "zoo.yaml",
+            "out: x\nteachers: [{name: a.b, dataset: mnist, labels: digit_0}]\n",
+            "teachers",
+            "zoo",
+            "{file}",
+        ),
+        r"zoo\.yaml is invalid: teachers\.0\.name: String should match pattern",
+    ),
+    CliCase(
+        "bench-yaml-bomb",
+        _file("b.yaml", BOMB, "bench", "run", "{file}"),
+        r"expands to more than 100,000 values",
+    ),
+    # teacher bundles: names, manifests, architectures, weights
+    CliCase(
+        "teacher-name-with-a-dot",
+        _amalgamate(),
+        r"teacher\.json is invalid: name: String should match",
+        _manifest("name", "a.b"),
+    ),
+    CliCase(
+        "path-like-teacher-name",
+        _amalgamate(),
+        r"teacher\.json is invalid: name: String should match",
+        _manifest("name", "../x"),
+    ),
+    CliCase(
+        "100000-deep-manifest", _amalgamate(), r"nested too deeply to be a teacher manifest", _deep_manifest
+    ),
+    CliCase(
+        "huge-width",
+        _amalgamate(),
+        r"architecture field width=1000000\.0 is not a number in",
+        _manifest("arch.width", 1e6),
+    ),
+    CliCase(
+        "negative-width",
+        _amalgamate(),
+        r"architecture field width=-2 is not a number in",
+        _manifest("arch.width", -2),
+    ),
+    CliCase(
+        "width-of-wrong-type",
+        _amalgamate(),
+        r"architecture field width='wide' is not a number",
+        _manifest("arch.width", "wide"),
+    ),
+    CliCase(
+        "absurd-block-count",
+        _amalgamate(),
+        r"architecture field blocks=1000000000 is not an integer",
+        _manifest("arch.blocks", 10**9),
+    ),
+    CliCase(
+        "negative-bn-variance",
+        _amalgamate(),
+        r"running_var has negative running variances",
+        _negative_bn_variance,
+    ),
+    # outputs checked before the training, not after it
+    CliCase(
+        "out-is-an-existing-file",
+        _amalgamate("--out", "{tmp}/config.yaml", config="seed: 1\n"),
+        r"--out .* is an existing file",
+    ),
+    # run ids become lock files and S3 prefixes
+    CliCase(
+        "path-like-run-id",
+        lambda tmp, _: ["pipeline", "run", "--config", "configs/demo.yaml", "--run-id", "../../x"],
+        r"run id '\.\./\.\./x' is not a safe name",
+    ),
+]
+
+
+@pytest.mark.parametrize("case", CLI_CASES, ids=[c.id for c in CLI_CASES])
+def test_hostile_cli_input_gets_one_error_and_one_fix_before_any_work(
+    case: CliCase,
+    pristine: Path,
+    tmp_path: Path,
+    capfd: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from dfka.cli import main
+
+    monkeypatch.setenv("DFKA_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(ROOT)
+    teachers = [str(tmp_path / "a"), str(pristine / "b")]
+    shutil.copytree(pristine / "a", teachers[0])
+    if case.damage is not None:
+        case.damage(Path(teachers[0]))
+    started = time.perf_counter()
+    code = main(case.args(tmp_path, teachers))
+    err = capfd.readouterr().err
+    assert code == 2, err
+    lines = [line for line in err.splitlines() if line.startswith(("error:", "  fix:"))]
+    assert len(lines) == 2 and lines[0].startswith("error: ") and lines[1].startswith("  fix: "), err
+    assert re.search(case.text, lines[0]), lines[0]
+    assert "Traceback" not in err
+    assert time.perf_counter() - started < 20  # refused up front, not after a training
+    assert not (tmp_path / "out" / "targetnet.json").exists()
+
+
+def test_a_full_disk_is_one_error_with_a_fix(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ENOSPC from anywhere in a command (a full DFKA_HOME, a full --out disk) ends as error/fix, exit 2."""
+    import errno
+
+    import dfka.tracking
+    from dfka.cli import main
+
+    def full(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, "No space left on device", "/full/dfka-home/offline-runs/x.jsonl")
+
+    monkeypatch.setattr(dfka.tracking, "pending_offline", full)
+    assert main(["tracking", "status"]) == 2
+    err = capsys.readouterr().err
+    assert "error: No space left on device writing /full/dfka-home/offline-runs/x.jsonl" in err
+    assert "fix: free space there" in err and "Traceback" not in err
+
+
+def test_out_checks_writability_and_free_space_up_front(tmp_path: Path) -> None:
+    from dfka.runtime import ensure_writable_dir
+
+    assert ensure_writable_dir(tmp_path / "new" / "dir") == tmp_path / "new" / "dir"
+    assert not list((tmp_path / "new" / "dir").iterdir())  # the probe file is gone
+    with pytest.raises(ConfigError, match=r"MB free; the output needs about"):
+        ensure_writable_dir(tmp_path, need_bytes=1 << 62)
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ConfigError, match="is an existing file"):
+        ensure_writable_dir(tmp_path / "f")
+    with pytest.raises(ConfigError, match="is not writable"):
+        ensure_writable_dir(tmp_path / "f" / "below")
+
+
+def test_a_cut_off_offline_tracking_file_is_read_and_a_damaged_one_named(tmp_path: Path) -> None:
+    from dfka.errors import StackError
+    from dfka.tracking import OfflineRun
+
+    cut = tmp_path / "cut.jsonl"
+    cut.write_text(
+        '{"kind": "run", "local_id": "x"}\n{"kind": "metric", "key": "a", "val'
+    )  # killed mid-write
+    assert [r["kind"] for r in OfflineRun.read(cut).records] == ["run"]
+    damaged = tmp_path / "damaged.jsonl"
+    damaged.write_text('{"kind": "run"}\n{"kind": \n{"kind": "end"}\n')
+    with pytest.raises(StackError, match=r"damaged\.jsonl line 2 is damaged"):
+        OfflineRun.read(damaged)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import pickle
 import random
 import uuid
@@ -385,3 +386,42 @@ def test_sigkilled_training_stages_resume_to_the_same_weights(stack_env, referen
         faults.assert_same_tensors(tmp_path / k.kind / k.weights, Path(ref) / k.weights)
         assert storage.listdir(runs[k.kind]["uri"]) == []  # a finished stage leaves no checkpoints behind
     faults.assert_same_samples(str(tmp_path / "gan" / "trajectory"), str(Path(reference.gan) / "trajectory"))
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 256 KiB filesystem (tmpfs) that fills up; needs root (CI and the dev machine run as root)."""
+    import subprocess
+
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0 or subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True
+    ).returncode:
+        pytest.skip("needs root to mount a small tmpfs")
+    try:
+        yield mnt
+    finally:
+        subprocess.run(["umount", "-l", str(mnt)], check=False)
+
+
+def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(
+    small_disk: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    from dfka.errors import StorageError
+
+    monkeypatch.setattr(tempfile, "tempdir", str(small_disk))  # the staging file lands there too
+    uri = str(small_disk / "c")
+    ckpt = Checkpoints(uri, stage="s", config_hash="h", keep=2)
+    ckpt.save({"box": Box(5)}, Position("gan", 5))
+    big = Box(10)
+    big.weights = torch.zeros(200_000)  # 800 KB: does not fit
+    with pytest.raises(StorageError, match=r"could not write a checkpoint: No space left on device") as err:
+        ckpt.save({"box": big}, Position("gan", 10))
+    assert "(gan, step 5)" in err.value.problem and "is intact" in err.value.problem
+    assert "free disk space" in err.value.fix and "resumes from the last good checkpoint" in err.value.fix
+    restored = Box(0)
+    at = Checkpoints(uri, stage="s", config_hash="h").restore({"box": restored})
+    assert at is not None and at.step == 5 and torch.equal(restored.weights, Box(5).weights)

@@ -34,6 +34,8 @@ FORMAT_VERSION = "dfka.teacher/v1"
 MANIFEST_NAME = "teacher.json"
 WEIGHTS_NAME = "weights.safetensors"
 MAX_MANIFEST_BYTES = 1 << 20
+#: Teacher names become module keys, metric names and path parts: letters, digits, '_' and '-'.
+SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
 MAX_WEIGHTS_BYTES = 4 << 30
 #: File name endings that mean "a pickle": refused with an explanation, never opened.
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
@@ -42,7 +44,7 @@ Task = Literal["multiclass", "multilabel"]
 
 
 class InputSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     shape: list[int] = Field(min_length=3, max_length=3)
     pixel_range: tuple[float, float] = (0.0, 1.0)
@@ -65,7 +67,7 @@ class InputSpec(BaseModel):
 
 
 class WeightsSpec(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     file: str = WEIGHTS_NAME
     sha256: str = Field(pattern="^[0-9a-f]{64}$")
@@ -75,10 +77,10 @@ class WeightsSpec(BaseModel):
 class TeacherManifest(BaseModel):
     """The ``teacher.json`` schema. Unknown keys are rejected so typos do not pass silently."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     format: Literal["dfka.teacher/v1"] = FORMAT_VERSION
-    name: str = Field(min_length=1)
+    name: str = Field(min_length=1, pattern=SAFE_NAME)
     arch: dict[str, Any]
     block_count: int = Field(ge=1)
     level_shapes: list[list[int]]
@@ -218,6 +220,10 @@ def _load_local(path: Path, source: str) -> TeacherBundle:
         raw = json.loads(manifest_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise BundleError(f"{manifest_path} is not valid JSON ({err})", "regenerate the bundle") from None
+    except RecursionError:
+        raise BundleError(
+            f"{manifest_path} is nested too deeply to be a teacher manifest", "regenerate the bundle"
+        ) from None
     if isinstance(raw, dict) and raw.get("format") not in (None, FORMAT_VERSION):
         raise BundleError(
             f"{manifest_path} has format {raw.get('format')!r}; this dfka reads {FORMAT_VERSION!r}",
@@ -295,6 +301,11 @@ def _load_local(path: Path, source: str) -> TeacherBundle:
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             raise BundleError(
                 f"{source}: tensor {key} contains NaN or Inf", "the teacher diverged; retrain or re-export it"
+            )
+        if key.endswith("running_var") and (tensor < 0).any():
+            raise BundleError(
+                f"{source}: BatchNorm {key} has negative running variances (a variance cannot be negative)",
+                "the weights were damaged or hand-edited; re-export the teacher",
             )
     model.load_state_dict(state, strict=True)
     model.eval()

@@ -255,6 +255,11 @@ class Checkpoints:
             storage.put_bytes(json.dumps(manifest, indent=1).encode(), storage.join(prefix, MANIFEST))
         except StorageError as err:
             raise self.store_failed(err, "write a checkpoint") from None
+        except (OSError, SafetensorError) as err:  # a local disk (temp folder, local store) is full
+            text = getattr(err, "strerror", None) or str(err).split("I/O error: ")[-1]
+            where = f" ({err.filename})" if getattr(err, "filename", None) else ""
+            disk = StorageError(f"{text}{where}", "free disk space (or set TMPDIR to a larger disk)")
+            raise self.store_failed(disk, "write a checkpoint") from None
         self.saved += 1
         self.last, self._last_uri = position, prefix
         log.info(

@@ -47,5 +47,17 @@ class CheckpointError(DfkaError):
     """A checkpoint is missing, corrupt, or belongs to another configuration."""
 
 
+class TrainingDiverged(DfkaError):
+    """A loss became NaN or infinite during training."""
+
+
 class StackError(DfkaError):
     """The local SeaweedFS + MLflow stack could not be started or reached."""
+
+
+def describe_validation(err: Exception) -> str:
+    """A pydantic ``ValidationError`` as one line: ``where: what; where: what``."""
+    errors = getattr(err, "errors", None)
+    if not callable(errors):
+        return str(err).splitlines()[0]
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors())

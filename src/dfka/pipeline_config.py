@@ -58,7 +58,7 @@ CPU_STAGES = tuple(s for s in STAGES if s not in GPU_STAGES)
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class EvaluationSettings(_Strict):
@@ -156,16 +156,9 @@ class ExperimentConfig(_Strict):
 
     @classmethod
     def load(cls, path: str | Path) -> ExperimentConfig:
-        import yaml
+        from dfka.config_files import load_yaml
 
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {p} not found", "check the path (configs/ holds the examples)")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{p} is not valid YAML: {err}", "fix the syntax") from None
-        return cls.parse(raw, where=str(p))
+        return cls.parse(load_yaml(path), where=str(path))
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str = "config") -> ExperimentConfig:

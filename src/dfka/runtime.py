@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -65,3 +67,31 @@ def env_var(key: str, value: str) -> Iterator[None]:
             os.environ.pop(key, None)
         else:
             os.environ[key] = old
+
+
+def ensure_writable_dir(path: str | os.PathLike[str], need_bytes: int = 0, what: str = "--out") -> Path:
+    """Create ``path`` if needed and check, before any work, that files can be written there and that
+    about ``need_bytes`` are free; a :class:`~dfka.errors.ConfigError` naming the fix otherwise."""
+    from dfka.errors import ConfigError
+
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(
+            f"{what} {p} is an existing file, not a directory", "pass a directory (created if missing)"
+        )
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe = p / f".dfka-write-check-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise ConfigError(
+            f"{what} {p} is not writable ({err.strerror})", "pick a directory you can write to"
+        ) from None
+    free = shutil.disk_usage(p).free
+    if free < need_bytes:
+        raise ConfigError(
+            f"{what} {p} has {free / 1e6:.0f} MB free; the output needs about {need_bytes / 1e6:.0f} MB",
+            "free some space there or pick another directory",
+        )
+    return p

@@ -17,10 +17,11 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tqdm.auto import tqdm
 
-from dfka.bundles import Task, TeacherManifest, save_bundle
+from dfka.bundles import SAFE_NAME, Task, TeacherManifest, save_bundle
+from dfka.config_files import load_yaml
 from dfka.data import load_split
 from dfka.errors import ConfigError, DfkaError
 from dfka.evaluation import predict, score
@@ -43,7 +44,7 @@ class TeacherRecipe:
     batch_size: int = 128
     lr: float = 1e-3
     weight_decay: float = 0.0
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63)
     name: str | None = None
 
 
@@ -147,9 +148,9 @@ def _fmt(metrics: dict[str, float]) -> str:
 
 
 class ZooTeacher(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")
+    name: str = Field(min_length=1, pattern=SAFE_NAME)
     dataset: str
     labels: str | list[str]
     task: Task = "multiclass"
@@ -163,7 +164,7 @@ class ZooTeacher(BaseModel):
 class ZooConfig(BaseModel):
     """A teacher set: where the bundles go (``out/<name>``) and how each teacher is trained."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     experiment: str = "dfka-teachers"
     out: str
@@ -171,7 +172,15 @@ class ZooConfig(BaseModel):
 
     @classmethod
     def load(cls, path: str | Path) -> ZooConfig:
-        return cls.model_validate(load_yaml(path))
+        try:
+            return cls.model_validate(load_yaml(path, what="teacher-zoo file"))
+        except ValidationError as err:
+            problems = "; ".join(
+                f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in err.errors()
+            )
+            raise ConfigError(
+                f"{path} is invalid: {problems}", "fix the keys named above (see configs/)"
+            ) from None
 
 
 def recipe_for(teacher: ZooTeacher) -> TeacherRecipe:
@@ -211,15 +220,3 @@ def cached_manifest(out: str, recipe: TeacherRecipe) -> TeacherManifest | None:
     except (ValueError, DfkaError):
         return None
     return manifest if manifest.training.get("recipe_sha256") == recipe_sha(recipe) else None
-
-
-def load_yaml(path: str | Path) -> Any:
-    import yaml
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file {p} not found", "check the path (configs/ holds the examples)")
-    try:
-        return yaml.safe_load(p.read_text())
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{p} is not valid YAML: {err}", "fix the syntax") from None

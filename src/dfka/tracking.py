@@ -398,7 +398,32 @@ class OfflineRun:
 
     @classmethod
     def read(cls, path: Path) -> OfflineRun:
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        """The records of ``path``. A cut-off last line (the process died mid-write) is dropped with a
+        warning; damage anywhere else is refused with the line number."""
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as err:
+            raise StackError(
+                f"cannot read offline run record {path}: {err}", "move the file out of offline-runs/"
+            ) from None
+        numbered = [(n, line) for n, line in enumerate(lines, 1) if line.strip()]
+        records = []
+        for i, (n, line) in enumerate(numbered):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                if i == len(numbered) - 1 and records:
+                    log.warning(
+                        "%s: line %d was cut off mid-write (the run was killed?); ignoring it", path, n
+                    )
+                    break
+                record = None
+            if not isinstance(record, dict) or not isinstance(record.get("kind"), str):
+                raise StackError(
+                    f"{path} line {n} is damaged (not a JSON record with a kind)",
+                    "move the file out of offline-runs/ (its runs cannot be synced)",
+                )
+            records.append(record)
         if not records or records[0].get("kind") != "run":
             raise StackError(f"{path} is not an offline run record", "move the file out of offline-runs/")
         return cls(path, records)

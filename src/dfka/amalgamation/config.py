@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class GanLoss(_Strict):
@@ -171,7 +171,7 @@ class AmalgamationConfig(_Strict):
     preset: Literal["dfka", "paper"] = "dfka"
     student: str = Field("lenet5:0.5", description="registry spec, e.g. lenet5:0.5 or resnet:1:blocks=3")
     target_labels: list[str] | None = None
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=2**63, description="torch.manual_seed range")
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
     budget_minutes: float | None = Field(None, gt=0, description="split over the stages by budget_split")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dfka.amalgamation.config import Budget
 from dfka.amalgamation.probe import active_probe
+from dfka.errors import TrainingDiverged
 
 StepFn = Callable[[int, int], dict[str, torch.Tensor]]
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -89,6 +90,23 @@ def run_loop(
         mininterval=0.5 if sys.stderr.isatty() else 30.0,  # logs, not a terminal: a line every 30 s
     )
     step = start_step
+    # the first step whose loss was not finite, kept on the device (no per-step sync); read at every
+    # flush and before every checkpoint, so a diverged state is never checkpointed
+    first_bad: torch.Tensor | None = None
+    saved = start_step if start_step else None
+
+    def check(upto: int) -> None:
+        bad = -1 if first_bad is None else int(first_bad)
+        if bad >= 0:
+            bar.close()
+            where = f"step {saved} of this loop is intact" if saved is not None else "none was written yet"
+            raise TrainingDiverged(
+                f"{desc}: the loss became NaN or infinite at step {step_offset + bad + 1} (checked up to "
+                f"step {step_offset + upto}); the last checkpoint: {where}",
+                "lower the learning rate or the loss weights (or change the seed) and run again; with "
+                "checkpoints, the same run id resumes from the last good one",
+            )
+
     while True:
         elapsed = elapsed_offset + time.perf_counter() - started
         if by_time:
@@ -99,18 +117,28 @@ def run_loop(
         elif step >= total:
             break
         out = step_fn(step, total)
+        if "loss" in out:
+            loss = out["loss"].detach()
+            if first_bad is None:
+                first_bad = torch.tensor(-1, device=loss.device)
+            nonfinite = ~torch.isfinite(loss).all()
+            first_bad = torch.where(nonfinite & (first_bad < 0), step, first_bad)
         step += 1
         for k, v in out.items():
             sums[k] = sums[k] + v.detach() if k in sums else v.detach().clone()
         count += 1
         if count >= log_every:
+            check(step)
             last = _flush(sums, count, prefix, bar, on_metrics, step_offset + step)
             sums, count = {}, 0
         bar.update(1)
         if probe is not None:
             started += probe.maybe(model)  # the probe's time is not training time
         if checkpoint is not None and checkpoint_every and step % checkpoint_every == 0:
+            check(step)
             checkpoint(step)
+            saved = step
+    check(step)
     if count:
         last = _flush(sums, count, prefix, bar, on_metrics, step_offset + step)
     if probe is not None and step > start_step:

@@ -106,7 +106,7 @@ class TargetNet(nn.Module):
 
 
 class TargetNetManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     format: str = FORMAT
     student: dict[str, Any]

@@ -244,7 +244,7 @@ def _flatten(batch: SampleBatch) -> dict[str, torch.Tensor]:
 
 
 class SamplesManifest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     format: str = SAMPLES_FORMAT
     count: int

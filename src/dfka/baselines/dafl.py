@@ -31,7 +31,7 @@ from dfka.data.guard import data_free
 class DaflConfig(BaseModel):
     """Options of the DAFL baseline (the rest it shares with dfka's ``amalgamation:`` config)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     bn_routing: Literal["batch", "owner"] = Field(
         "batch",

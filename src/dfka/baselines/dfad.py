@@ -39,7 +39,7 @@ from dfka.runtime import seed_everything
 class DfadConfig(BaseModel):
     """Options of the DFAD baseline; ``None`` falls back to the shared amalgamation config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     student_steps: int = Field(5, ge=1, description="student steps per generator step (DFAD: 5)")
     bn: float | None = Field(None, ge=0, description="BN-statistics matching weight; default gan.loss.bn")

@@ -30,7 +30,7 @@ from dfka.runtime import seed_everything
 class KDRealConfig(BaseModel):
     """Options of the KD-with-real-data baseline."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     batch_size: int = Field(64, ge=2)
     lr: float | None = Field(None, gt=0, description="student Adam LR; default: amalgamation blocks.lr")

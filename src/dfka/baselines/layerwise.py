@@ -61,7 +61,7 @@ PREFIX = {"ae": "layerwise.ae", "layerwise": "layerwise.parts", "finetune": "lay
 class LayerwiseConfig(BaseModel):
     """Options of the layer-wise amalgamation baseline."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     batch_size: int = Field(64, ge=2)
     ae_lr: float = Field(2e-3, gt=0)

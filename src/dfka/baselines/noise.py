@@ -32,7 +32,7 @@ from dfka.runtime import seed_everything
 class NoiseConfig(BaseModel):
     """Options of the noise baseline; ``None`` falls back to the shared amalgamation config."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     kind: Literal["gaussian", "uniform"] = "gaussian"
     batch_size: int | None = Field(None, ge=2, description="default: amalgamation gan.batch_size")

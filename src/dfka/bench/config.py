@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -37,8 +37,9 @@ from dfka.baselines.dfad import DfadConfig
 from dfka.baselines.kd_real import KDRealConfig
 from dfka.baselines.layerwise import LayerwiseConfig
 from dfka.baselines.noise import NoiseConfig
+from dfka.config_files import load_yaml
 from dfka.errors import ConfigError, DfkaError
-from dfka.teachers import ZooTeacher, load_yaml, recipe_for
+from dfka.teachers import ZooTeacher, recipe_for
 
 MethodName = Literal["ensemble", "dfka", "dfka-paper", "dafl", "dfad", "noise", "kd-real", "layerwise"]
 #: Every method, in table order.
@@ -75,7 +76,7 @@ class BaselineOptions(BaseModel):
 
 
 class BenchmarkConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     name: str = Field(pattern=r"^[A-Za-z0-9._-]+$")
     description: str = ""
@@ -88,7 +89,9 @@ class BenchmarkConfig(BaseModel):
     target_labels: str | list[str] | None = None
     student: str = "lenet5:0.5"
     methods: list[MethodName] = Field(default_factory=lambda: list(METHODS), min_length=1)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=2**63)]] = Field(
+        default_factory=lambda: [0, 1, 2], min_length=1
+    )
     budget_minutes: float = Field(gt=0, description="wall-clock per data-free (method, seed)")
     reference_budget_minutes: float | None = Field(
         None, gt=0, description="kd-real and layerwise; default: budget_minutes"
@@ -250,9 +253,7 @@ def resolve_benchmark(name_or_path: str | Path) -> Path:
 def load_benchmark(name_or_path: str | Path) -> BenchmarkConfig:
     """Load and validate a benchmark by name (``digits``) or path; ``name`` defaults to the file stem."""
     path = resolve_benchmark(name_or_path)
-    raw = load_yaml(path)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path} must hold a mapping of benchmark settings", "see benchmarks/digits.yaml")
+    raw = load_yaml(path, what="benchmark file")
     raw.setdefault("name", path.stem)
     return parse_benchmark(raw, source=str(path))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import pkgutil
@@ -32,11 +33,22 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
-    load_stack_env()
     try:
+        load_stack_env()
         return int(args.func(args) or 0)
     except DfkaError as err:
         print(redact(f"error: {err}"), file=sys.stderr)
+        return 2
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        where = f" writing {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror}{where}", file=sys.stderr)
+        print(
+            "  fix: free space there (or point DFKA_HOME / --out at another disk) and run the same command "
+            "again: finished checkpoints and results are kept",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

@@ -36,11 +36,12 @@ def _amalgamate(args: argparse.Namespace) -> int:
     from dfka.amalgamation.regroup import save_targetnet
     from dfka.amalgamation.run import amalgamate
     from dfka.bundles import load_bundle
+    from dfka.config_files import load_yaml
     from dfka.data import parse_labels
-    from dfka.errors import ConfigError
-    from dfka.teachers import load_yaml
+    from dfka.errors import ConfigError, describe_validation
+    from dfka.runtime import ensure_writable_dir
 
-    raw = dict(load_yaml(args.config) or {}) if args.config else {}
+    raw = load_yaml(args.config) if args.config else {}
     for key, value in {
         "student": args.student,
         "budget_minutes": args.budget_minutes,
@@ -56,8 +57,15 @@ def _amalgamate(args: argparse.Namespace) -> int:
     try:
         cfg = AmalgamationConfig.model_validate(raw)
     except ValueError as err:
-        raise ConfigError(f"invalid amalgamation config: {err}", "see dfka.amalgamation.config") from None
+        raise ConfigError(
+            f"invalid amalgamation config: {describe_validation(err)}",
+            "fix the keys named above (schema and defaults: dfka.amalgamation.config, README's config table)",
+        ) from None
     bundles = [load_bundle(uri) for uri in args.teachers]
+    # what would fail after the training fails now: an unwritable --out, an unknown evaluation dataset
+    if "://" not in args.out:
+        ensure_writable_dir(args.out, OUT_BYTES)
+    dataset = eval_dataset(bundles, args.eval_dataset)
 
     result = amalgamate(bundles, cfg)
     print("\nstage        seconds   steps   samples/s")
@@ -66,7 +74,7 @@ def _amalgamate(args: argparse.Namespace) -> int:
     total = sum(r.seconds for r in result.stages.values())
     print(f"{'total':<12} {total:8.1f}")
 
-    metrics = evaluate_on_test(result, bundles, args.eval_dataset)
+    metrics = evaluate_on_test(result, bundles, dataset)
     for key, value in metrics.items():
         print(f"{key:<28} {value:.4f}")
     provenance = {"teachers": [b.source for b in bundles], "config": json.loads(cfg.model_dump_json())}
@@ -75,9 +83,11 @@ def _amalgamate(args: argparse.Namespace) -> int:
     return 0
 
 
-def evaluate_on_test(result, bundles, dataset: str | None) -> dict[str, float]:
-    """TargetNet, teacher ensemble and each teacher on the real test split (union and sub-tasks)."""
-    from dfka.bench.evaluate import evaluate_model, evaluate_teachers, load_eval_set
+OUT_BYTES = 64 << 20  # a TargetNet (safetensors + TorchScript) is far smaller; a full disk is not
+
+
+def eval_dataset(bundles, dataset: str | None) -> str:
+    """The dataset the TargetNet is scored on: ``--eval-dataset`` or the one the teachers were trained on."""
     from dfka.errors import ConfigError
 
     if dataset is None:
@@ -88,6 +98,14 @@ def evaluate_on_test(result, bundles, dataset: str | None) -> dict[str, float]:
                 "pass --eval-dataset (e.g. mnist+fashion)",
             )
         dataset = datasets.pop()
+    return dataset
+
+
+def evaluate_on_test(result, bundles, dataset: str | None) -> dict[str, float]:
+    """TargetNet, teacher ensemble and each teacher on the real test split (union and sub-tasks)."""
+    from dfka.bench.evaluate import evaluate_model, evaluate_teachers, load_eval_set
+
+    dataset = eval_dataset(bundles, dataset)
     teachers, union = result.teachers.cpu(), result.union.cpu()
     ev = load_eval_set(dataset, teachers, "multilabel" if teachers.task == "multilabel" else "multiclass")
     student, _ = evaluate_model(result.targetnet.cpu(), ev)

@@ -26,6 +26,47 @@ register("lenet5", lenet5)
 register("resnet", resnet, ("width", "blocks", "depth"))
 
 
+#: Sane ranges for the spec fields every constructor takes: a manifest is user input, and an absurd
+#: width would try to allocate petabytes before anything could say why.
+LIMITS: dict[str, tuple[type, float, float]] = {
+    "width": (float, 1e-3, 16.0),
+    "blocks": (int, 1, 16),
+    "depth": (int, 1, 16),
+    "num_outputs": (int, 1, 100_000),
+}
+MAX_SIDE, MAX_CHANNELS = 4096, 64
+
+
+def check_spec(spec: dict[str, Any]) -> None:
+    """Types and ranges of an architecture spec's fields, before anything is built."""
+    for key, (kind, low, high) in LIMITS.items():
+        if key not in spec:
+            continue
+        value = spec[key]
+        ok_type = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if kind is int:
+            ok_type = ok_type and float(value).is_integer()
+        if not ok_type or not (low <= value <= high):
+            raise ConfigError(
+                f"architecture field {key}={value!r} is not {'an integer' if kind is int else 'a number'} "
+                f"in [{low:g}, {high:g}]",
+                "check the architecture options (a teacher.json written by save_bundle has valid ones)",
+            )
+    shape = spec.get("input_shape")
+    if shape is not None:
+        valid = (
+            isinstance(shape, (list, tuple))
+            and len(shape) == 3
+            and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)
+        )
+        if not valid or shape[0] > MAX_CHANNELS or max(shape[1:]) > MAX_SIDE:
+            raise ConfigError(
+                f"architecture input_shape {shape!r} is not [C, H, W] with 1 <= C <= {MAX_CHANNELS} "
+                f"and sides up to {MAX_SIDE}",
+                "check the architecture options",
+            )
+
+
 def available() -> list[str]:
     return sorted(_REGISTRY)
 
@@ -45,12 +86,13 @@ def build_model(
         raise ConfigError(
             f"architecture {name!r} has no option(s) {sorted(unknown)}", f"valid: {_OPTIONS[name]}"
         )
+    check_spec(spec)
     kwargs = {k: spec[k] for k in _OPTIONS[name] if k in spec}
     try:
         return _REGISTRY[name](
             int(spec["num_outputs"]), input_shape=tuple(spec["input_shape"]), mean=mean, std=std, **kwargs
         )
-    except (ValueError, KeyError) as err:
+    except (ValueError, KeyError, TypeError) as err:
         raise ConfigError(
             f"cannot build {name} from {spec}: {err}", "check the architecture options"
         ) from None

@@ -1,4 +1,5 @@
-"""Wall-clock probes (dfka.amalgamation.probe): curves during training that cost the training nothing."""
+"""The training loop (dfka.amalgamation.engine): wall-clock probes that cost the training nothing, and
+a loss that turns NaN stopping the loop before anything diverged is checkpointed."""
 
 from __future__ import annotations
 
@@ -96,3 +97,29 @@ def test_time_to_reach_reads_the_first_crossing() -> None:
     assert time_to_reach({}, 0.1) is None
     with pytest.raises(ValueError, match="positive"):
         TimeProbe(0.0, lambda m: 0.0)
+
+
+def test_a_loss_that_turns_nan_stops_the_loop_naming_the_step_and_the_intact_checkpoint() -> None:
+    from dfka.errors import TrainingDiverged
+
+    model, opt = _toy()
+    plain = _step(model, opt)
+    saved: list[int] = []
+
+    def step(i: int, total: int) -> dict[str, torch.Tensor]:
+        out = plain(i, total)
+        return {"loss": out["loss"] * (float("nan") if i >= 33 else 1.0)}
+
+    with pytest.raises(TrainingDiverged, match=r"GAN: the loss became NaN or infinite at step 34 ") as err:
+        run_loop(
+            step,
+            Budget(steps=200),
+            desc="GAN",
+            prefix="gan",
+            progress=False,
+            log_every=25,
+            checkpoint=saved.append,
+            checkpoint_every=10,
+        )
+    assert saved == [10, 20, 30]  # nothing written after the NaN
+    assert "step 30 of this loop is intact" in err.value.problem and "resumes" in err.value.fix
