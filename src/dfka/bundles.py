@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from dfka import __version__
-from dfka.errors import BundleError, ConfigError
+from dfka.errors import BundleError, ConfigError, describe_validation
 from dfka.models import BlockClassifier, build_model
 
 FORMAT_VERSION = "dfka.teacher/v1"
@@ -232,9 +232,7 @@ def _load_local(path: Path, source: str) -> TeacherBundle:
     try:
         manifest = TeacherManifest.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'manifest'}: {e['msg']}" for e in err.errors()
-        )
+        problems = describe_validation(err, "manifest")
         raise BundleError(
             f"{manifest_path} is invalid: {problems}", "fix the manifest or regenerate the bundle"
         ) from None

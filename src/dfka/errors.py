@@ -55,9 +55,9 @@ class StackError(DfkaError):
     """The local SeaweedFS + MLflow stack could not be started or reached."""
 
 
-def describe_validation(err: Exception) -> str:
-    """A pydantic ``ValidationError`` as one line: ``where: what; where: what``."""
+def describe_validation(err: Exception, root: str = "value") -> str:
+    """A pydantic ``ValidationError`` as one line: ``where: what; where: what`` (``root`` for the top)."""
     errors = getattr(err, "errors", None)
     if not callable(errors):
         return str(err).splitlines()[0]
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or 'value'}: {e['msg']}" for e in errors())
+    return "; ".join(f"{'.'.join(map(str, e['loc'])) or root}: {e['msg']}" for e in errors())

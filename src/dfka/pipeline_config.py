@@ -30,7 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dfka import __version__
 from dfka.amalgamation.config import AmalgamationConfig
 from dfka.cluster import PIPELINE_CONFIGMAP, S3_SECRET
-from dfka.errors import ConfigError, LabelError
+from dfka.errors import ConfigError, LabelError, describe_validation
 from dfka.placement import CpuPlacement, GpuPlacement
 
 #: The stage images (images/stage.Dockerfile, images/stage-cpu.Dockerfile); tags follow dfka's version.
@@ -165,9 +165,7 @@ class ExperimentConfig(_Strict):
         try:
             return cls.model_validate(raw)
         except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors()
-            )
+            problems = describe_validation(err, "config")
             raise ConfigError(f"{where} is invalid: {problems}", "fix the keys named above") from None
 
     def target_spec(self) -> str:
@@ -232,9 +230,7 @@ def resolve_method_config(
     try:
         return AmalgamationConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc'])) or 'amalgamation'}: {e['msg']}" for e in err.errors()
-        )
+        problems = describe_validation(err, "amalgamation")
         raise ConfigError(
             f"the amalgamation config is invalid: {problems}", "fix the keys named above"
         ) from None

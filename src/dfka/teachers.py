@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from dfka.bundles import SAFE_NAME, Task, TeacherManifest, save_bundle
 from dfka.config_files import load_yaml
 from dfka.data import load_split
-from dfka.errors import ConfigError, DfkaError
+from dfka.errors import ConfigError, DfkaError, describe_validation
 from dfka.evaluation import predict, score
 from dfka.models import build_model, count_flops, count_params
 from dfka.runtime import seed_everything, set_threads
@@ -175,9 +175,7 @@ class ZooConfig(BaseModel):
         try:
             return cls.model_validate(load_yaml(path, what="teacher-zoo file"))
         except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(map(str, e['loc'])) or 'file'}: {e['msg']}" for e in err.errors()
-            )
+            problems = describe_validation(err, "file")
             raise ConfigError(
                 f"{path} is invalid: {problems}", "fix the keys named above (see configs/)"
             ) from None
