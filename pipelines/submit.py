@@ -11,14 +11,18 @@ Tested against a loopback stand-in of the KFP v2beta1 REST API only, never a rea
 import argparse
 import json
 import os
+import socket
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from dfka.errors import ConfigError
+from dfka.errors import ConfigError, DfkaError
 from dfka.pipeline_config import ExperimentConfig
+from dfka.settings import network_timeout, redact
 
 DEFAULT_PACKAGE = Path(__file__).with_name("dfka_pipeline.yaml")
 _KINDS = {
@@ -103,17 +107,49 @@ def submit(
     import kfp
 
     check_parameters(load_package(package)["pipeline_spec"], params)
-    client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token)
-    result = client.create_run_from_pipeline_package(
-        str(package),
-        arguments=params,
-        run_name=run_name,
-        experiment_name=experiment,
-        namespace=namespace,
-        pipeline_root=pipeline_root,
-        service_account=service_account,
-    )
+    limit = network_timeout()
+    reachable(host, limit)
+    previous = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(limit)  # kfp's API client sets no timeout of its own
+    try:
+        client = kfp.Client(host=host, namespace=namespace or "kubeflow", existing_token=token)
+        result = client.create_run_from_pipeline_package(
+            str(package),
+            arguments=params,
+            run_name=run_name,
+            experiment_name=experiment,
+            namespace=namespace,
+            pipeline_root=pipeline_root,
+            service_account=service_account,
+        )
+    except Exception as err:  # urllib3 MaxRetryError, kfp_server_api ApiException, timeouts, ...
+        if isinstance(err, DfkaError):
+            raise
+        first = redact(str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__)
+        raise DfkaError(
+            f"the KFP API at {host} refused or failed the run request ({type(err).__name__}: {first[:300]})",
+            "check --host, --namespace and --token (an authenticated endpoint needs one); "
+            "`dfka cluster doctor` checks the cluster",
+        ) from None
+    finally:
+        socket.setdefaulttimeout(previous)
     return {"run_id": result.run_id, "url": f"{host.rstrip('/')}/#/runs/details/{result.run_id}"}
+
+
+def reachable(host: str, timeout: float) -> None:
+    """Fail in ``timeout`` seconds, naming ``host``, when the KFP API does not answer at all."""
+    url = f"{host.rstrip('/')}/apis/v2beta1/healthz"
+    try:
+        urllib.request.urlopen(url, timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return  # it answers (auth or routing may still refuse the run: reported with its own message)
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise DfkaError(
+            f"the KFP API at {host} does not answer ({type(err).__name__}: {reason}; waited up to {timeout:g} s)",
+            "check --host (e.g. `kubectl -n kubeflow port-forward svc/ml-pipeline-ui 8888:80`, then "
+            "--host http://127.0.0.1:8888); DFKA_NETWORK_TIMEOUT sets the wait",
+        ) from None
 
 
 def parse_params(items: list[str]) -> dict[str, Any]:
@@ -174,8 +210,8 @@ def main(argv: list | None = None) -> int:
             service_account=args.service_account,
             token=args.token or os.environ.get("DFKA_KFP_TOKEN") or None,
         )
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except DfkaError as err:
+        print(redact(f"error: {err}"), file=sys.stderr)
         return 2
     print(f"submitted run {out['run_id']}: {out['url']}")
     return 0

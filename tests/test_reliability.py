@@ -119,7 +119,7 @@ def test_store_outage_one_stage_rides_it_out_the_other_fails_and_resumes(
     error = impatient[impatient.rindex("StorageError") :]
     assert f"{STAGE}: could not write a checkpoint: could not reach the object store" in error
     assert info.s3_endpoint in error and "after 3 attempts" in error
-    assert "is the object store up? `dfka stack status`" in error
+    assert "up? `dfka stack status`" in error
     assert "resumes from the last good checkpoint" in error
     step, where = _last_good(error)
     assert where.startswith(r["uri"]) and 5 <= step < faults.GAN_STEPS

@@ -11,6 +11,7 @@ laptop (``.dfka/stack.env`` written by ``dfka stack up``) configure dfka the sam
 ``AWS_SECRET_ACCESS_KEY``  S3 secret key
 ``DFKA_BUCKET``            default bucket for bundles and run outputs (``dfka``)
 ``MLFLOW_TRACKING_URI``    MLflow tracking server
+``DFKA_NETWORK_TIMEOUT``   seconds before an unanswering S3, MLflow or KFP endpoint is an error (30)
 =========================  ==================================================================
 """
 
@@ -30,6 +31,29 @@ SECRET_ENV_KEYS = (
 
 def dfka_home() -> Path:
     return Path(os.environ.get("DFKA_HOME", ".dfka")).absolute()
+
+
+DEFAULT_NETWORK_TIMEOUT = 30.0
+
+
+def network_timeout() -> float:
+    """Seconds one S3, MLflow or KFP operation may wait on an endpoint that does not answer, retries
+    included (``DFKA_NETWORK_TIMEOUT``, default 30)."""
+    from dfka.errors import ConfigError
+
+    raw = os.environ.get("DFKA_NETWORK_TIMEOUT", "")
+    if not raw:
+        return DEFAULT_NETWORK_TIMEOUT
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < 86400:
+        raise ConfigError(
+            f"DFKA_NETWORK_TIMEOUT={raw!r} is not a number of seconds in (0, 86400)",
+            "set it to e.g. 30, or unset it",
+        )
+    return value
 
 
 def data_dir() -> Path:

@@ -29,7 +29,7 @@ from minio import Minio
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from dfka.errors import StorageError
-from dfka.settings import redact
+from dfka.settings import network_timeout, redact
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -113,8 +113,9 @@ def _pool() -> urllib3.PoolManager:
     if _http is None:
         import certifi
 
+        limit = network_timeout()
         _http = urllib3.PoolManager(
-            timeout=urllib3.Timeout(connect=3.0, read=60.0),
+            timeout=urllib3.Timeout(connect=min(3.0, limit), read=limit),
             retries=False,
             maxsize=8,
             cert_reqs="CERT_REQUIRED",
@@ -169,7 +170,8 @@ def _storage_error(t: _Target, err: BaseException, attempts: int) -> StorageErro
     if _is_transient(err):
         return StorageError(
             f"could not reach the object store for {where} after {attempts} attempts ({detail})",
-            "is the object store up? `dfka stack status`",
+            f"is the object store at {t.endpoint} up? `dfka stack status` (DFKA_NETWORK_TIMEOUT, now "
+            f"{network_timeout():g} s, is how long dfka waits for an endpoint that does not answer)",
         )
     return StorageError(f"object store request for {where} failed ({detail})", "check the URI and the bucket")
 
@@ -177,14 +179,19 @@ def _storage_error(t: _Target, err: BaseException, attempts: int) -> StorageErro
 def _call(t: _Target, what: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` with the retry policy; turn every failure into a StorageError without secrets."""
     policy = retry_policy or RetryPolicy()
+    # retries ride out an outage (refused connections fail fast); time spent *waiting on the endpoint*
+    # is bounded separately, so one that accepts connections and never answers fails in the timeout
+    limit, waited = network_timeout(), 0.0
     attempt = 0
     while True:
+        started = time.monotonic()
         try:
             return fn()
         except StorageError:
             raise
         except Exception as err:
-            if not _is_transient(err) or attempt >= policy.retries:
+            waited += time.monotonic() - started
+            if not _is_transient(err) or attempt >= policy.retries or waited >= limit:
                 raise _storage_error(t, err, attempt + 1) from None
             pause = policy.delay(attempt)
             log.warning(

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dfka.errors import StackError
-from dfka.settings import SECRET_ENV_KEYS, dfka_home, redact
+from dfka.settings import SECRET_ENV_KEYS, dfka_home, network_timeout, redact
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -38,7 +38,6 @@ HTTP_DEFAULTS = {
     "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
     "MLFLOW_HTTP_REQUEST_BACKOFF_JITTER": "0.5",
-    "MLFLOW_HTTP_REQUEST_TIMEOUT": "20",
 }
 MAX_KEY, MAX_PARAM, MAX_TAG = 250, 6000, 8000
 BATCH_PARAMS, BATCH_METRICS = 100, 1000
@@ -74,9 +73,16 @@ def probe(uri: str, timeout: float = 2.0) -> str | None:
         return f"{type(err).__name__}: {err}"
 
 
-def _client(uri: str) -> MlflowClient:
+def apply_http_defaults() -> None:
+    """MLflow's HTTP retry and timeout settings, where the user has not set them: two tries of half
+    ``DFKA_NETWORK_TIMEOUT`` each, so an unanswering server fails in about that time."""
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", f"{max(1, round(network_timeout() / 2))}")
+
+
+def _client(uri: str) -> MlflowClient:
+    apply_http_defaults()
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)

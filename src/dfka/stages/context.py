@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from dfka import storage
 from dfka.pipeline_config import GIT_COMMIT_ENV, RUN_ID_ENV
 from dfka.settings import default_bucket, redact
-from dfka.tracking import HTTP_DEFAULTS, Tracker, clean_params, probe
+from dfka.tracking import Tracker, apply_http_defaults, clean_params, probe
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -242,8 +242,7 @@ def _client(uri: str) -> MlflowClient | None:
     if (reason := probe(uri)) is not None:
         log.warning("MLflow at %s is unreachable (%s): stage runs are recorded offline", uri, reason)
         return None
-    for key, value in HTTP_DEFAULTS.items():
-        os.environ.setdefault(key, value)
+    apply_http_defaults()
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
