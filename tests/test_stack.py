@@ -196,3 +196,33 @@ def test_mlflow_server_args_and_ports():
     ports = StackPorts(8333, 5000)
     assert len(set(ports.all())) == 11
     assert "-admin.port.grpc=18337" in ports.weed_args()  # weed's worker dials admin port + 10000
+
+
+def test_dfka_home_is_per_user_not_per_directory(tmp_path, monkeypatch):
+    from dfka.settings import dfka_home
+
+    monkeypatch.delenv("DFKA_HOME", raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    homes = set()
+    for where in (tmp_path, tmp_path / "a", Path("/")):
+        where.mkdir(exist_ok=True)
+        monkeypatch.chdir(where)
+        homes.add(dfka_home())
+    assert homes == {tmp_path / "state" / "dfka"}
+    monkeypatch.delenv("XDG_STATE_HOME")
+    assert dfka_home() == Path.home() / ".local" / "state" / "dfka"
+    monkeypatch.setenv("DFKA_HOME", str(tmp_path / "mine"))
+    assert dfka_home() == tmp_path / "mine"
+
+
+def test_up_from_another_home_names_the_running_dfka_stack(stack, tmp_path, monkeypatch):
+    """The ports are dfka's own servers (of another DFKA_HOME), not "another program"."""
+    _clear_env(monkeypatch)
+    from urllib.parse import urlparse
+
+    ports = StackPorts(s3=urlparse(stack.s3_endpoint).port, mlflow=urlparse(stack.mlflow_uri).port)
+    with pytest.raises(StackError) as err:
+        stack_up(tmp_path / "other-home", ports)
+    assert f"served by a dfka stack of DFKA_HOME={stack.home}" in err.value.problem
+    assert f"export DFKA_HOME={stack.home}" in err.value.fix and "dfka stack down" in err.value.fix
+    assert not (tmp_path / "other-home" / "stack" / "weed.pid").exists()

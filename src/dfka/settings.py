@@ -1,10 +1,12 @@
 """Where dfka keeps local state, and how it finds its object store and tracking server.
 
 Everything is read from the environment first, so a cluster (KFP env vars, Kubernetes secrets) and a
-laptop (``.dfka/stack.env`` written by ``dfka stack up``) configure dfka the same way.
+laptop (``$DFKA_HOME/stack.env`` written by ``dfka stack up``) configure dfka the same way.
 
 =========================  ==================================================================
-``DFKA_HOME``              local state: stack processes, credentials, offline metrics (``./.dfka``)
+``DFKA_HOME``              local state: stack processes, credentials, offline metrics, bench teacher
+                           cache (``$XDG_STATE_HOME/dfka``, else ``~/.local/state/dfka``: per user, the
+                           same from every directory)
 ``DFKA_DATA_DIR``          dataset cache (``~/.cache/dfka/data``)
 ``DFKA_S3_ENDPOINT``       S3 endpoint URL, e.g. ``http://127.0.0.1:8333``
 ``AWS_ACCESS_KEY_ID``      S3 access key
@@ -29,8 +31,34 @@ SECRET_ENV_KEYS = (
 )
 
 
+_legacy_noted = False
+
+
 def dfka_home() -> Path:
-    return Path(os.environ.get("DFKA_HOME", ".dfka")).absolute()
+    """``$DFKA_HOME``, else the per-user state folder (never the current directory: `dfka stack status`
+    from another folder must see the same stack)."""
+    if os.environ.get("DFKA_HOME"):
+        return Path(os.environ["DFKA_HOME"]).expanduser().absolute()
+    state = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    home = Path(state).expanduser().absolute() / "dfka"
+    _note_legacy_home(home)
+    return home
+
+
+def _note_legacy_home(home: Path) -> None:
+    """dfka once kept its state in ``./.dfka``: say where it went, once, if such a folder is here."""
+    global _legacy_noted
+    legacy = Path(".dfka").absolute()
+    if not _legacy_noted and legacy != home and (legacy / "stack.env").is_file():
+        _legacy_noted = True
+        import logging
+
+        logging.getLogger(__name__).warning(
+            "dfka keeps its state in %s now; %s is not read any more (set DFKA_HOME=%s to keep using it)",
+            home,
+            legacy,
+            legacy,
+        )
 
 
 DEFAULT_NETWORK_TIMEOUT = 30.0
@@ -80,7 +108,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 def load_stack_env(path: Path | None = None) -> dict[str, str]:
-    """Apply ``.dfka/stack.env`` to ``os.environ`` for keys the user has not set; return what was applied."""
+    """Apply ``$DFKA_HOME/stack.env`` to ``os.environ`` for keys the user has not set; return what was applied."""
     path = path or stack_env_file()
     if not path.is_file():
         return {}

@@ -310,11 +310,68 @@ def _weed_binary() -> str:
 
 def _check_ports(ports: list[int], what: str) -> None:
     busy = [p for p in ports if not _port_free(p)]
-    if busy:
-        raise StackError(
-            f"{what} cannot start: port(s) {busy} on {HOST} are used by another program",
-            "stop that program, or pick other ports with DFKA_STACK_S3_PORT / DFKA_STACK_MLFLOW_PORT",
-        )
+    if not busy:
+        return
+    for port in busy:
+        pid = _listener(port)
+        home = _stack_home_of(pid) if pid else None
+        if home is not None:  # our own servers, started with another DFKA_HOME (or an older dfka)
+            raise StackError(
+                f"{what} cannot start: port {port} on {HOST} is served by a dfka stack of DFKA_HOME={home} "
+                f"(pid {pid})",
+                f"use that stack (export DFKA_HOME={home}; `dfka stack status`), or stop it "
+                f"(DFKA_HOME={home} dfka stack down)",
+            )
+    owners = ", ".join(
+        f"{p} (pid {pid}: {' '.join(_cmdline(pid))[:80]})" if (pid := _listener(p)) else str(p) for p in busy
+    )
+    raise StackError(
+        f"{what} cannot start: port(s) {owners} on {HOST} are used by another program",
+        "stop that program, or pick other ports with DFKA_STACK_S3_PORT / DFKA_STACK_MLFLOW_PORT",
+    )
+
+
+def _listener(port: int) -> int | None:
+    """The pid listening on TCP ``port`` (Linux ``/proc``; this user's processes only), if found."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                inodes.add(f"socket:[{fields[9]}]")
+    if not inodes:
+        return None
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
+                return int(proc.name)
+        except OSError:
+            continue
+    return None
+
+
+def _stack_home_of(pid: int) -> Path | None:
+    """The DFKA_HOME of a dfka stack server (its data paths are under ``<home>/stack/``), else None.
+    The listener may be a worker of the server (MLflow's uvicorn): its parents are checked too."""
+    for _ in range(4):
+        for arg in _cmdline(pid):
+            for prefix, suffix in (("-dir=", "/stack/seaweed"), ("sqlite:///", "/stack/mlflow.db")):
+                if arg.startswith(prefix) and arg.endswith(suffix):
+                    return Path(arg[len(prefix) : -len(suffix)])
+        try:
+            status = Path(f"/proc/{pid}/status").read_text()
+            pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
+        except (OSError, StopIteration, ValueError):
+            return None
+        if pid <= 1:
+            return None
+    return None
 
 
 def _recorded_ports(home: Path) -> StackPorts | None:

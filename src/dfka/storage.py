@@ -164,7 +164,7 @@ def _storage_error(t: _Target, err: BaseException, attempts: int) -> StorageErro
     if code in AUTH_CODES:
         return StorageError(
             f"the object store at {t.endpoint} refused the credentials for {t.uri} ({code})",
-            "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (`dfka stack up` writes them to .dfka/stack.env)",
+            "check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (`dfka stack up` writes them to $DFKA_HOME/stack.env)",
         )
     detail = redact(f"{type(err).__name__}: {err}")
     if _is_transient(err):
