@@ -10,6 +10,7 @@ from dfka.amalgamation.origin import (
     diversity_hinge,
     fit_routing_bias,
     own_label_loss,
+    routed_to_origin,
     shift,
     student_origin_terms,
     union_trust,
@@ -115,6 +116,48 @@ def test_student_terms_reward_the_origin_and_union_trust_reads_routing(trio) -> 
     assert wrong["ce"] > 5 and wrong["which"] > 5
     assert union_trust(right, slots, chosen) == 1.0
     assert union_trust(right.roll(1, 0), slots, chosen) == 0.0
+
+
+def test_routed_only_drops_the_misrouted_samples_from_ce_and_which(trio) -> None:
+    teachers = teacher_set_from_bundles(trio, None)
+    slots = OriginSlots.of(teachers)
+    chosen = torch.tensor([0, 3, 5])
+    logits = {n: torch.zeros(3, len(teachers.infos[n].sel)) for n in teachers.names}
+    right = torch.full((3, 8), -10.0)
+    right[torch.arange(3), slots.pos_of[chosen]] = 10.0
+    student = right.clone()
+    student[2] = right[0]  # the student misroutes the third sample (c's) to a
+    union = right.clone()
+    union[1] = right[0]  # the union sends b's sample to a: it is ambiguous, left out
+    keep = routed_to_origin(union, slots, chosen)
+    assert keep.tolist() == [True, False, True]
+    masked = student_origin_terms(student, teachers, slots, logits, chosen, 4.0, keep=keep)
+    subset = {n: v[[0, 2]] for n, v in logits.items()}
+    only = student_origin_terms(student[[0, 2]], teachers, slots, subset, chosen[[0, 2]], 4.0)
+    assert torch.allclose(masked["ce"], only["ce"]) and torch.allclose(masked["which"], only["which"])
+    nothing = student_origin_terms(
+        student, teachers, slots, logits, chosen, 4.0, keep=torch.zeros(3, dtype=torch.bool)
+    )
+    assert float(nothing["ce"]) == 0.0 and float(nothing["which"]) == 0.0
+
+
+@pytest.mark.parametrize("mode", ["origin", "all"])
+def test_finetune_with_routed_only_trains_every_parameter(trio, mode) -> None:
+    cfg = tiny_config()
+    cfg.regroup.origin.routed_only = mode
+    teachers = teacher_set_from_bundles(trio, None)
+    union = UnionRule(teachers)
+    gan, trajectory, _ = train_gan(teachers, union, cfg, device=CPU, progress=False)
+    bank, _ = sample_bank(gan, cfg, trajectory, device=CPU, progress=False)
+    student = build_student(cfg.student, teachers)
+    positions = {n: list(teachers.infos[n].pos) for n in teachers.names}
+    net = TargetNet(student.spec, positions, teachers.target_labels, teachers.label_tasks, [0.0], [1.0])
+    batches = bank.batches(32, torch.Generator().manual_seed(0), CPU)
+    trainer = FinetuneTrainer(net, union, cfg.regroup, batches, CPU, origin=gan.origin, teachers=teachers)
+    out = trainer.step(0, 10)
+    assert torch.isfinite(out["loss"])
+    missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing
 
 
 def test_conditional_stage1_banks_origin_and_finetune_trains_every_parameter(trio) -> None:

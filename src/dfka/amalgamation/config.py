@@ -144,6 +144,11 @@ class OriginLoss(_Strict):
     calibrate: bool = Field(
         True, description="fit per-teacher offsets of the union on the origin-known samples before its KD"
     )
+    routed_only: Literal["off", "origin", "all"] = Field(
+        "all",
+        description="samples the (calibrated) union does not route to their origin teacher: kept (off), left "
+        "out of the origin CE and which-teacher terms (origin), or left out of every term (all)",
+    )
 
 
 class RegroupConfig(_Strict):

@@ -153,12 +153,21 @@ def student_origin_terms(
     logits: Mapping[str, torch.Tensor],
     slots: torch.Tensor,
     temperature: float,
+    keep: torch.Tensor | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``{ce, own_kd, which}`` for student scores over Y_cst on origin-labelled samples."""
+    """``{ce, own_kd, which}`` for student scores over Y_cst on origin-labelled samples; with ``keep``
+    (bool per sample), CE and which-teacher count only the kept samples (own-teacher KD counts all)."""
     device = scores.device
     t = slots_info.teacher_of[slots].to(device)
     pos = slots_info.pos_of[slots].to(device)
-    ce = F.cross_entropy(scores, pos)
+    if keep is None:
+        ce, which = F.cross_entropy(scores, pos), routing_loss(scores, slots_info, slots)
+    elif bool(keep.any()):
+        kept = keep.to(device)
+        ce = F.cross_entropy(scores[kept], pos[kept])
+        which = routing_loss(scores[kept], slots_info, slots[kept.cpu()])
+    else:
+        ce = which = scores.sum() * 0.0
     kd = scores.new_zeros(())
     for m, name in enumerate(slots_info.teachers):
         mine = t == m
@@ -168,7 +177,7 @@ def student_origin_terms(
             log_t = F.log_softmax(own, 1)
             kl = (log_t.exp() * (log_t - F.log_softmax(mine_scores, 1))).sum()
             kd = kd + kl * temperature**2
-    return {"ce": ce, "own_kd": kd / len(slots), "which": routing_loss(scores, slots_info, slots)}
+    return {"ce": ce, "own_kd": kd / len(slots), "which": which}
 
 
 def fit_routing_bias(
@@ -203,14 +212,23 @@ def fit_routing_bias(
 
 
 @torch.no_grad()
+def routed_to_origin(
+    union_scores: torch.Tensor, slots_info: OriginSlots, slots: torch.Tensor
+) -> torch.Tensor:
+    """Per sample (bool, on the scores' device): does the union's top label belong to the origin teacher?"""
+    top = union_scores.argmax(1)
+    member = torch.zeros(len(slots_info.groups), union_scores.shape[1], dtype=torch.bool)
+    for m, g in enumerate(slots_info.groups):
+        member[m, list(g)] = True
+    member = member.to(union_scores.device)
+    return member[slots_info.teacher_of[slots].to(union_scores.device), top]
+
+
+@torch.no_grad()
 def union_trust(union_scores: torch.Tensor, slots_info: OriginSlots, slots: torch.Tensor) -> float:
     """How often the teachers' union puts a synthetic sample's top label in its origin teacher's labels.
 
     A data-free reading of how well the union routes: near 1 where the teachers reject each other's
     samples (calibrated), low where one teacher claims the other's (then only origin supervision helps).
     """
-    top = union_scores.argmax(1).cpu()
-    member = torch.zeros(len(slots_info.groups), union_scores.shape[1], dtype=torch.bool)
-    for m, g in enumerate(slots_info.groups):
-        member[m, list(g)] = True
-    return float(member[slots_info.teacher_of[slots], top].float().mean())
+    return float(routed_to_origin(union_scores, slots_info, slots).float().mean())

@@ -29,7 +29,7 @@ from dfka.amalgamation import fast
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.config import RegroupConfig
 from dfka.amalgamation.engine import cosine_lr, set_lr
-from dfka.amalgamation.origin import OriginSlots, shift, student_origin_terms
+from dfka.amalgamation.origin import OriginSlots, routed_to_origin, shift, student_origin_terms
 from dfka.amalgamation.stage2 import Branch, DualGenerator
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
@@ -244,8 +244,18 @@ class FinetuneTrainer:
         else:
             w = self.cfg.origin
             slots = self.origin.decode(batch.z)
+            logits, keep = batch.logits, None
+            if w.routed_only != "off":
+                keep = routed_to_origin(target, self.origin, slots)
+            if w.routed_only == "all" and bool(keep.any()):
+                # the samples the union sends elsewhere are ambiguous: no term learns from them
+                cpu = keep.cpu()
+                scores, target, slots = scores[keep], target[keep], slots[cpu]
+                logits = {k: v[keep] for k, v in logits.items()}
+                keep = None
+                parts = {"union": union_loss(scores, target, self.union.multiclass_mask, tau)}
             parts |= student_origin_terms(
-                scores, self.teachers, self.origin, batch.logits, slots, w.temperature
+                scores, self.teachers, self.origin, logits, slots, w.temperature, keep=keep
             )
             loss = (
                 w.ce * parts["ce"]
