@@ -7,6 +7,7 @@ import torch
 
 from dfka.amalgamation.origin import (
     OriginSlots,
+    cross_teacher_mix,
     diversity_hinge,
     fit_routing_bias,
     own_label_loss,
@@ -141,10 +142,29 @@ def test_routed_only_drops_the_misrouted_samples_from_ce_and_which(trio) -> None
     assert float(nothing["ce"]) == 0.0 and float(nothing["which"]) == 0.0
 
 
-@pytest.mark.parametrize("mode", ["origin", "all"])
-def test_finetune_with_routed_only_trains_every_parameter(trio, mode) -> None:
+def test_cross_teacher_mix_blends_samples_of_different_teachers(trio) -> None:
+    teachers = teacher_set_from_bundles(trio, None)
+    slots_info = OriginSlots.of(teachers)
+    rng = torch.Generator().manual_seed(0)
+    slots = slots_info.draw(12, rng)
+    # each sample is a constant image of its teacher's index: a mix of two teachers lies strictly between
+    t = slots_info.teacher_of[slots].float()
+    image = t.view(12, 1, 1, 1).expand(12, 1, 4, 4).clone()
+    mixed = cross_teacher_mix(image, slots_info, slots, 400, rng)
+    assert mixed.shape == (400, 1, 4, 4)
+    assert torch.allclose(mixed, mixed[:, :, :1, :1].expand_as(mixed))  # a pixel-wise blend
+    values = mixed[:, 0, 0, 0]
+    assert float(values.min()) >= 0.0 and float(values.max()) <= 2.0
+    same_teacher = (values - values.round()).abs() < 1e-6
+    assert float(same_teacher.float().mean()) < 0.02
+    assert len(torch.unique(values.round(decimals=3))) > 200  # λ varies per mix
+
+
+@pytest.mark.parametrize(("mode", "mix"), [("origin", 0.0), ("all", 0.0), ("all", 0.5)])
+def test_finetune_with_routed_only_trains_every_parameter(trio, mode, mix) -> None:
     cfg = tiny_config()
     cfg.regroup.origin.routed_only = mode
+    cfg.regroup.origin.mix = mix
     teachers = teacher_set_from_bundles(trio, None)
     union = UnionRule(teachers)
     gan, trajectory, _ = train_gan(teachers, union, cfg, device=CPU, progress=False)
@@ -156,6 +176,7 @@ def test_finetune_with_routed_only_trains_every_parameter(trio, mode) -> None:
     trainer = FinetuneTrainer(net, union, cfg.regroup, batches, CPU, origin=gan.origin, teachers=teachers)
     out = trainer.step(0, 10)
     assert torch.isfinite(out["loss"])
+    assert ("mix" in out) == (mix > 0)
     missing = [n for n, p in net.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing
 

@@ -149,6 +149,15 @@ class OriginLoss(_Strict):
         description="samples the (calibrated) union does not route to their origin teacher: kept (off), left "
         "out of the origin CE and which-teacher terms (origin), or left out of every term (all)",
     )
+    mix: float = Field(
+        0.0,
+        ge=0,
+        le=4,
+        description="boundary samples: per fine-tune batch, this many times the batch size of pixel mixes of "
+        "two samples of different teachers, distilled from the (calibrated) union of the teachers run on "
+        "the mix",
+    )
+    mix_weight: float = Field(1.0, ge=0, description="weight of the union KD on the mixed samples")
 
 
 class RegroupConfig(_Strict):

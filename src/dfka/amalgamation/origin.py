@@ -107,6 +107,26 @@ def shift(image: torch.Tensor, pixels: int, rng: torch.Generator) -> torch.Tenso
     return out.gather(3, cols[:, None, None, :].expand(n, c, h, w))
 
 
+def cross_teacher_mix(
+    image: torch.Tensor, slots_info: OriginSlots, slots: torch.Tensor, n: int, rng: torch.Generator
+) -> torch.Tensor:
+    """``n`` pixel mixes :math:`\\lambda x_i + (1-\\lambda) x_j`, :math:`\\lambda \\sim U(0, 1)`, of two
+    samples of (mostly) different origin teachers: images between the teachers' samples, where the
+    union's routing is what the student has to learn and the origin-labelled samples say nothing."""
+    b = len(slots)
+    t = slots_info.teacher_of[slots]
+    i = torch.randint(b, (n,), generator=rng)
+    j = torch.randint(b, (n,), generator=rng)
+    for _ in range(4):  # redraw partners of the same teacher (a batch holds every teacher)
+        same = t[i] == t[j]
+        if not same.any():
+            break
+        j[same] = torch.randint(b, (int(same.sum()),), generator=rng)
+    lam = torch.rand(n, 1, 1, 1, generator=rng).to(image.device, image.dtype)
+    i, j = i.to(image.device), j.to(image.device)
+    return lam * image[i] + (1 - lam) * image[j]
+
+
 def own_label_loss(
     teachers: TeacherSet, slots_info: OriginSlots, logits: Mapping[str, torch.Tensor], slots: torch.Tensor
 ) -> torch.Tensor:

@@ -29,7 +29,13 @@ from dfka.amalgamation import fast
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.config import RegroupConfig
 from dfka.amalgamation.engine import cosine_lr, set_lr
-from dfka.amalgamation.origin import OriginSlots, routed_to_origin, shift, student_origin_terms
+from dfka.amalgamation.origin import (
+    OriginSlots,
+    cross_teacher_mix,
+    routed_to_origin,
+    shift,
+    student_origin_terms,
+)
 from dfka.amalgamation.stage2 import Branch, DualGenerator
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
@@ -224,6 +230,10 @@ class FinetuneTrainer:
         self.union_weight = union_weight
         self.rng = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, **fast.adam_options(device))
+        self.mix = 0
+        if origin is not None and teachers is not None and cfg.origin.mix > 0:
+            self.mix = max(1, round(cfg.origin.mix * cfg.batch_size))
+            self.compute = teachers.compute_models()
 
     def step(self, step: int, total: int) -> dict[str, torch.Tensor]:
         self.net.train()
@@ -232,11 +242,20 @@ class FinetuneTrainer:
         with torch.no_grad():
             target = self.union(batch.logits)
         image = batch.image
+        mixed = mix_target = None
+        if self.mix:
+            mixed = cross_teacher_mix(image, self.origin, self.origin.decode(batch.z), self.mix, self.rng)
+            mixed = shift(mixed, self.cfg.augment_shift, self.rng)
+            with torch.no_grad(), fast.autocast(self.device):
+                mix_logits = {name: m(mixed).float() for name, m in self.compute.items()}
+            mix_target = self.union(mix_logits)
         if self.origin is not None:
             image = shift(image, self.cfg.augment_shift, self.rng)
         with fast.autocast(self.device):
-            scores = self.net(image)
+            scores = self.net(image if mixed is None else torch.cat([image, mixed]))
         scores = scores.float()
+        if mixed is not None:
+            scores, mix_scores = scores[: len(image)], scores[len(image) :]
         tau = self.cfg.temperature if self.origin is None else self.cfg.origin.union_temperature
         parts = {"union": union_loss(scores, target, self.union.multiclass_mask, tau)}
         if self.origin is None:
@@ -263,6 +282,9 @@ class FinetuneTrainer:
                 + w.which * parts["which"]
                 + self.union_weight * parts["union"]
             )
+            if mix_target is not None:
+                parts["mix"] = union_loss(mix_scores, mix_target, self.union.multiclass_mask, tau)
+                loss = loss + w.mix_weight * parts["mix"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
