@@ -33,6 +33,10 @@ GIT_COMMIT_ENV = "DFKA_GIT_COMMIT"
 #: Steps between the training stages' checkpoints (``dfka.checkpoint``; the pipeline sets the variable).
 CHECKPOINT_EVERY_ENV = "DFKA_CHECKPOINT_EVERY"
 DEFAULT_CHECKPOINT_EVERY = 500
+#: Set by ``dfka pipeline run`` (dfka.pipeline_runner) on pipelines/run_local.py: the runner dies with it.
+PARENT_PID_ENV = "DFKA_PARENT_PID"
+#: Bearer token for an authenticated KFP endpoint (``dfka pipeline submit --token``, pipelines/submit.py).
+KFP_TOKEN_ENV = "DFKA_KFP_TOKEN"
 
 # ---- Kubernetes resources (k8s/), shared by the pipeline, the manifests' tests and the cluster doctor ----
 #: ServiceAccount for pipeline runs (k8s/base/pipeline-rbac.yaml).
