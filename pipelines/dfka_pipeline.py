@@ -27,8 +27,8 @@ from components import (
     train_dual_generator_blocks,
 )
 from dfka.amalgamation.config import AmalgamationConfig
-from dfka.cluster import PIPELINE_CONFIG_KEYS, S3_SECRET_TO_ENV
-from dfka.pipeline_config import CHECKPOINT_EVERY_ENV, DEMO_TEACHERS, RUN_ID_ENV, PipelineSettings
+from dfka.pipeline_config import DEMO_TEACHERS, PipelineSettings
+from dfka.settings import CHECKPOINT_EVERY_ENV, PIPELINE_CONFIG_KEYS, RUN_ID_ENV, S3_SECRET_TO_ENV
 
 #: The pod label that carries the KFP run id (read through the downward API).
 RUN_ID_FIELD = "metadata.labels['pipeline/runid']"

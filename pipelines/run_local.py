@@ -23,10 +23,18 @@ from typing import Any
 
 from dfka import storage
 from dfka.errors import DfkaError
-from dfka.pipeline_config import GIT_COMMIT_ENV, RUN_ID_ENV, STAGES, ExperimentConfig, RetrySettings
+from dfka.pipeline_config import STAGES, ExperimentConfig, RetrySettings
 from dfka.run_lock import check_run_id, die_with_parent, processes_with_env, run_lock, stop_leftovers
 from dfka.runtime import env_var
-from dfka.settings import default_bucket, dfka_home, load_stack_env, redact
+from dfka.settings import (
+    GIT_COMMIT_ENV,
+    PARENT_PID_ENV,
+    RUN_ID_ENV,
+    default_bucket,
+    dfka_home,
+    load_stack_env,
+    redact,
+)
 from dfka.stages.context import (
     experiment_id,
     find_parent,
@@ -36,7 +44,6 @@ from dfka.stages.context import (
 )
 
 log = logging.getLogger("dfka.pipeline")
-PARENT_PID_ENV = "DFKA_PARENT_PID"  # set by dfka.pipeline_runner.run_module
 
 
 def git_commit(cwd: Path | None = None) -> str:

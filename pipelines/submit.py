@@ -22,7 +22,7 @@ import yaml
 
 from dfka.errors import ConfigError, DfkaError
 from dfka.pipeline_config import ExperimentConfig
-from dfka.settings import network_timeout, redact
+from dfka.settings import KFP_TOKEN_ENV, network_timeout, redact
 
 DEFAULT_PACKAGE = Path(__file__).with_name("dfka_pipeline.yaml")
 _KINDS = {
@@ -208,7 +208,7 @@ def main(argv: list | None = None) -> int:
             namespace=args.namespace,
             pipeline_root=args.pipeline_root,
             service_account=args.service_account,
-            token=args.token or os.environ.get("DFKA_KFP_TOKEN") or None,
+            token=args.token or os.environ.get(KFP_TOKEN_ENV) or None,
         )
     except DfkaError as err:
         print(redact(f"error: {err}"), file=sys.stderr)

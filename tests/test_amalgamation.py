@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfka.amalgamation.config import AmalgamationConfig
+from dfka.amalgamation.config import AmalgamationConfig, GanLoss
 from dfka.amalgamation.losses import total_variation
 from dfka.amalgamation.regroup import TargetNet
 from dfka.amalgamation.run import amalgamate, build_student, remaining_budget, teacher_set_from_bundles
@@ -338,6 +338,38 @@ def test_tv_term_is_in_the_stage1_loss_only_when_weighted(pair) -> None:
 
 
 # --- wall-clock budgets -----------------------------------------------------------------------------
+
+
+def test_every_gan_loss_weight_is_in_the_weighted_sum() -> None:
+    """A weight field of GanLoss that weighted() does not sum would be a term silently dropped."""
+    weights = [name for name, f in GanLoss.model_fields.items() if f.annotation is float]
+    assert weights and set(weights) == set(GanLoss.terms())
+    loss = GanLoss(**dict.fromkeys(weights, 1.0))
+    parts = {name: 2.0**i for i, name in enumerate(weights)}  # one bit per term: none can hide
+    assert loss.weighted(parts) == sum(parts.values())
+    for name in weights:  # and each is weighted by its own field
+        assert loss.model_copy(update={name: 3.0}).weighted(parts) == sum(parts.values()) + 2 * parts[name]
+
+
+def test_gan_loss_sums_in_a_fixed_order() -> None:
+    """The order terms are added in fixes the float rounding of L: it is the declaration order, pinned
+    here so that a reordering (which changes the numbers) is a deliberate edit."""
+
+    class Term:
+        def __init__(self, names: tuple[str, ...]) -> None:
+            self.names = names
+
+        def __rmul__(self, weight: float) -> Term:
+            return self
+
+        def __add__(self, other: Term) -> Term:
+            return Term(self.names + other.names)
+
+    parts = {name: Term((name,)) for name in GanLoss.terms()}
+    order = ("oh", "a", "ie", "dis", "bn", "consistency", "adv", "tv", "div", "route")
+    assert GanLoss().weighted(parts).names == order
+    dafl = {k: v for k, v in parts.items() if k in ("oh", "a", "ie", "dis", "bn")}
+    assert GanLoss().weighted(dafl).names == ("oh", "a", "ie", "dis", "bn")
 
 
 def test_total_budget_covers_the_export() -> None:

@@ -35,10 +35,6 @@ from kubernetes.client import (
 
 from dfka.cli import main
 from dfka.cluster import (
-    MLFLOW_PORT,
-    PIPELINE_CONFIGMAP,
-    PIPELINE_SERVICE_ACCOUNT,
-    S3_SECRET,
     CheckResult,
     check_gpu_pool,
     check_kfp_health,
@@ -60,6 +56,7 @@ from dfka.placement import (
     GPU_RESOURCE,
     Toleration,
 )
+from dfka.settings import MLFLOW_PORT, PIPELINE_CONFIGMAP, PIPELINE_SERVICE_ACCOUNT, S3_SECRET
 
 POOL_LABELS = {GPU_POOL_LABEL_KEY: GPU_POOL_LABEL_VALUE, "kubernetes.io/os": "linux"}
 GPU_TAINT = V1Taint(key=GPU_RESOURCE, value="present", effect="NoSchedule")

@@ -20,20 +20,22 @@ import pytest
 import yaml
 
 from dfka.cluster import (
-    MLFLOW_PORT,
-    MLFLOW_SERVICE,
-    PIPELINE_CONFIG_KEYS,
-    PIPELINE_CONFIGMAP,
-    PIPELINE_SERVICE_ACCOUNT,
     PLACEHOLDER,
-    S3_SECRET,
-    S3_SECRET_KEYS,
     SUPPORTED_K8S,
     mlflow_tracking_uri,
     supported_range_text,
     toleration_as_taint,
 )
 from dfka.placement import DEFAULT_GPU_PLACEMENT, GPU_POOL_LABEL_KEY, GPU_POOL_LABEL_VALUE, GPU_RESOURCE
+from dfka.settings import (
+    MLFLOW_PORT,
+    MLFLOW_SERVICE,
+    PIPELINE_CONFIG_KEYS,
+    PIPELINE_CONFIGMAP,
+    PIPELINE_SERVICE_ACCOUNT,
+    S3_SECRET,
+    S3_SECRET_KEYS,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"

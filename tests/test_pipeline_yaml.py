@@ -17,7 +17,6 @@ from typing import Any, ClassVar
 import pytest
 import yaml
 
-from dfka.cluster import PIPELINE_CONFIG_KEYS, PIPELINE_CONFIGMAP, S3_SECRET, S3_SECRET_TO_ENV
 from dfka.errors import ConfigError
 from dfka.pipeline_config import (
     CPU_STAGES,
@@ -29,6 +28,7 @@ from dfka.pipeline_config import (
     ExperimentConfig,
 )
 from dfka.placement import DEFAULT_CPU_PLACEMENT, DEFAULT_GPU_PLACEMENT
+from dfka.settings import PIPELINE_CONFIG_KEYS, PIPELINE_CONFIGMAP, S3_SECRET, S3_SECRET_TO_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "pipelines" / "dfka_pipeline.yaml"

@@ -45,7 +45,7 @@ from safetensors.torch import load_file, save_file
 from dfka import storage
 from dfka.bundles import sha256_file
 from dfka.errors import CheckpointError, ConfigError, StorageError
-from dfka.pipeline_config import CHECKPOINT_EVERY_ENV, DEFAULT_CHECKPOINT_EVERY
+from dfka.settings import CHECKPOINT_EVERY_ENV, DEFAULT_CHECKPOINT_EVERY
 
 log = logging.getLogger(__name__)
 

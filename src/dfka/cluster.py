@@ -4,9 +4,9 @@ The decisions are pure functions over kubernetes client model objects (``V1Node`
 ``V1Secret``, ``V1Service``, ``V1EndpointSlice``) that return a :class:`CheckResult`, so they are
 tested without a cluster. :func:`run_doctor` is the thin part that reads the live objects.
 
-The names below are the contract between ``k8s/`` (which creates these objects), the pipeline
-(which refers to them) and the doctor (which checks them); ``tests/test_k8s.py`` holds the
-manifests to them.
+The resource names (:mod:`dfka.settings`) are the contract between ``k8s/`` (which creates these
+objects), the pipeline (which refers to them) and the doctor (which checks them);
+``tests/test_k8s.py`` holds the manifests to them.
 """
 
 from __future__ import annotations
@@ -23,6 +23,18 @@ from urllib.parse import urlsplit
 
 from dfka.errors import ConfigError
 from dfka.placement import DEFAULT_GPU_PLACEMENT, GpuPlacement, Toleration
+from dfka.settings import (
+    KFP_HEALTH_PATH,
+    KFP_SERVICE,
+    KFP_SERVICE_PORT,
+    MLFLOW_PORT,
+    MLFLOW_SERVICE,
+    PIPELINE_CONFIG_KEYS,
+    PIPELINE_CONFIGMAP,
+    PIPELINE_SERVICE_ACCOUNT,
+    S3_SECRET,
+    S3_SECRET_KEYS,
+)
 
 if TYPE_CHECKING:  # the checks only read attributes; the client is imported where it is used
     from kubernetes.client import (
@@ -34,23 +46,6 @@ if TYPE_CHECKING:  # the checks only read attributes; the client is imported whe
         V1Taint,
     )
 
-#: ServiceAccount for pipeline runs (k8s/base/pipeline-rbac.yaml).
-PIPELINE_SERVICE_ACCOUNT = "dfka-pipeline-runner"
-#: ConfigMap with the pipeline defaults (k8s/base/pipeline-config.yaml) and its keys.
-PIPELINE_CONFIGMAP = "dfka-pipeline-config"
-PIPELINE_CONFIG_KEYS = ("MLFLOW_TRACKING_URI", "DFKA_S3_ENDPOINT", "DFKA_BUCKET", "DFKA_PIPELINE_ROOT")
-#: S3 credentials: Kubeflow's secret name and keys, also created by the standalone overlay.
-S3_SECRET = "mlpipeline-minio-artifact"
-S3_SECRET_KEYS = ("accesskey", "secretkey")
-#: Env vars that pipeline pods get the S3 keys as (kfp.kubernetes.use_secret_as_env).
-S3_SECRET_TO_ENV = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
-#: MLflow tracking server Service and port (the port is part of MLflow's --allowed-hosts entries).
-MLFLOW_SERVICE = "mlflow"
-MLFLOW_PORT = 5000
-#: KFP API server: health path, and the in-cluster Service the doctor reaches through the API proxy.
-KFP_HEALTH_PATH = "/apis/v2beta1/healthz"
-KFP_SERVICE = "ml-pipeline"
-KFP_SERVICE_PORT = 8888
 #: Kubernetes minor versions the manifests are validated against (oldest, newest), inclusive.
 SUPPORTED_K8S = ((1, 28), (1, 37))
 #: Marker of a template value that must be replaced before use.

@@ -29,18 +29,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dfka import __version__
 from dfka.amalgamation.config import AmalgamationConfig
-from dfka.cluster import PIPELINE_CONFIGMAP, S3_SECRET
 from dfka.errors import ConfigError, LabelError, describe_validation
 from dfka.placement import CpuPlacement, GpuPlacement
+from dfka.settings import CHECKPOINT_EVERY_ENV, DEFAULT_CHECKPOINT_EVERY, PIPELINE_CONFIGMAP, S3_SECRET
 
 #: The stage images (images/stage.Dockerfile, images/stage-cpu.Dockerfile); tags follow dfka's version.
 STAGE_IMAGE = f"ghcr.io/dfka/dfka-stage:{__version__}"
 STAGE_CPU_IMAGE = f"ghcr.io/dfka/dfka-stage:{__version__}-cpu"
 #: The demo teachers (configs/demo-teachers.yaml): the compiled pipeline's default ``teachers``.
 DEMO_TEACHERS = ("s3://dfka/teachers/demo/mnist-0-4", "s3://dfka/teachers/demo/mnist-5-9")
-#: Environment variables through which every stage learns its run (see dfka.stages.context).
-RUN_ID_ENV = "DFKA_KFP_RUN_ID"
-GIT_COMMIT_ENV = "DFKA_GIT_COMMIT"
 #: The six stages, in pipeline order (task names in the compiled YAML, folders under runs/<run-id>/).
 STAGES = (
     "ingest-teachers",
@@ -50,9 +47,6 @@ STAGES = (
     "regroup-target-net",
     "evaluate",
 )
-#: Steps between the training stages' checkpoints (``dfka.checkpoint``; the pipeline sets the variable).
-CHECKPOINT_EVERY_ENV = "DFKA_CHECKPOINT_EVERY"
-DEFAULT_CHECKPOINT_EVERY = 500
 GPU_STAGES = ("train-amalgamating-gan", "train-dual-generator-blocks", "regroup-target-net")
 CPU_STAGES = tuple(s for s in STAGES if s not in GPU_STAGES)
 

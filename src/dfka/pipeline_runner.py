@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dfka.errors import ConfigError, DfkaError
+from dfka.settings import PARENT_PID_ENV
 
 PIPELINE_FILE = Path("pipelines") / "dfka_pipeline.py"
 
@@ -43,7 +44,7 @@ def run_module(module: str, args: Sequence[str], *, root: Path | None = None) ->
     root = root or project_root()
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(root), env.get("PYTHONPATH", "")) if p)
-    env["DFKA_PARENT_PID"] = str(os.getpid())  # the runner stops when this command is killed
+    env[PARENT_PID_ENV] = str(os.getpid())  # the runner stops when this command is killed
     return subprocess.run([sys.executable, "-m", f"pipelines.{module}", *args], cwd=root, env=env).returncode
 
 

@@ -15,12 +15,47 @@ laptop (``$DFKA_HOME/stack.env`` written by ``dfka stack up``) configure dfka th
 ``MLFLOW_TRACKING_URI``    MLflow tracking server
 ``DFKA_NETWORK_TIMEOUT``   seconds before an unanswering S3, MLflow or KFP endpoint is an error (30)
 =========================  ==================================================================
+
+The names other parts share (environment variables the pipeline sets on a stage, the Kubernetes
+resources the manifests create and the doctor checks) are defined here too, so the training core, the
+stages, the pipeline and the cluster doctor agree on them without importing one another.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
+
+# ---- environment variables the pipeline (or pipelines/run_local.py) sets on every stage ----
+#: The pipeline run id (see dfka.stages.context) and the git commit of the code that runs.
+RUN_ID_ENV = "DFKA_KFP_RUN_ID"
+GIT_COMMIT_ENV = "DFKA_GIT_COMMIT"
+#: Steps between the training stages' checkpoints (``dfka.checkpoint``; the pipeline sets the variable).
+CHECKPOINT_EVERY_ENV = "DFKA_CHECKPOINT_EVERY"
+DEFAULT_CHECKPOINT_EVERY = 500
+#: Set by ``dfka pipeline run`` (dfka.pipeline_runner) on pipelines/run_local.py: the runner dies with it.
+PARENT_PID_ENV = "DFKA_PARENT_PID"
+#: Bearer token for an authenticated KFP endpoint (``dfka pipeline submit --token``, pipelines/submit.py).
+KFP_TOKEN_ENV = "DFKA_KFP_TOKEN"
+
+# ---- Kubernetes resources (k8s/), shared by the pipeline, the manifests' tests and the cluster doctor ----
+#: ServiceAccount for pipeline runs (k8s/base/pipeline-rbac.yaml).
+PIPELINE_SERVICE_ACCOUNT = "dfka-pipeline-runner"
+#: ConfigMap with the pipeline defaults (k8s/base/pipeline-config.yaml) and its keys.
+PIPELINE_CONFIGMAP = "dfka-pipeline-config"
+PIPELINE_CONFIG_KEYS = ("MLFLOW_TRACKING_URI", "DFKA_S3_ENDPOINT", "DFKA_BUCKET", "DFKA_PIPELINE_ROOT")
+#: S3 credentials: Kubeflow's secret name and keys, also created by the standalone overlay.
+S3_SECRET = "mlpipeline-minio-artifact"
+S3_SECRET_KEYS = ("accesskey", "secretkey")
+#: Env vars that pipeline pods get the S3 keys as (kfp.kubernetes.use_secret_as_env).
+S3_SECRET_TO_ENV = {"accesskey": "AWS_ACCESS_KEY_ID", "secretkey": "AWS_SECRET_ACCESS_KEY"}
+#: MLflow tracking server Service and port (the port is part of MLflow's --allowed-hosts entries).
+MLFLOW_SERVICE = "mlflow"
+MLFLOW_PORT = 5000
+#: KFP API server: health path, and the in-cluster Service the doctor reaches through the API proxy.
+KFP_HEALTH_PATH = "/apis/v2beta1/healthz"
+KFP_SERVICE = "ml-pipeline"
+KFP_SERVICE_PORT = 8888
 
 #: Environment keys whose values are secrets: never logged, never written to MLflow params or YAML.
 SECRET_ENV_KEYS = (

@@ -17,32 +17,41 @@ class _Strict(BaseModel):
 
 
 class GanLoss(_Strict):
-    """Weights of the stage-1 loss L = L_oh + α·L_a + β·L_ie + γ·L_dis + consistency + bn + adv + tv."""
+    """Weights of the stage-1 loss L = L_oh + α·L_a + β·L_ie + γ·L_dis + bn + consistency + adv + tv
+    (+ div + route in the origin-labelled mode).
+
+    Every field is a loss weight, and :meth:`weighted` sums the terms in the order the fields are
+    declared here: a new term is a new field, in the place it should be added.
+    """
 
     oh: float = Field(1.0, ge=0)
     a: float = Field(0.1, ge=0, description="α, activation loss")
     ie: float = Field(5.0, ge=0, description="β, information-entropy (balance) loss")
     dis: float = Field(1.0, ge=0, description="γ, discreteness: few labels / few owning teachers")
-    consistency: float = Field(1.0, ge=0, description="Eq. 11: intermediate levels agree with the image")
     bn: float = Field(1.0, ge=0, description="BatchNorm-statistics matching (not in the paper)")
+    consistency: float = Field(1.0, ge=0, description="Eq. 11: intermediate levels agree with the image")
     adv: float = Field(0.0, ge=0, description="adversarial student-teacher discrepancy (not in the paper)")
     tv: float = Field(0.0, ge=0, description="total-variation image prior (DeepInversion; not in the paper)")
-    route: float = Field(
-        1.0,
-        ge=0,
-        description="origin-labelled mode: the teachers' union routes a sample to its origin teacher (not in the paper)",
-    )
     div: float = Field(
         1.0,
         ge=0,
         description="origin-labelled mode: diversity hinge between samples of one slot (not in the paper)",
     )
+    route: float = Field(
+        1.0,
+        ge=0,
+        description="origin-labelled mode: the teachers' union routes a sample to its origin teacher (not in the paper)",
+    )
+
+    @classmethod
+    def terms(cls) -> tuple[str, ...]:
+        """The loss terms, in summation order: every field (each is a weight), as declared."""
+        return tuple(cls.model_fields)
 
     def weighted(self, parts: dict[str, Any]) -> Any:
-        """Σ weight · part over the terms present in ``parts``, summed in a fixed order (a method without
-        consistency or adversarial terms, like the DAFL baseline, simply leaves them out)."""
-        order = ("oh", "a", "ie", "dis", "bn", "consistency", "adv", "tv", "div", "route")
-        terms = [getattr(self, name) * parts[name] for name in order if name in parts]
+        """Σ weight · part over the terms present in ``parts``, summed in :meth:`terms` order (a method
+        without consistency or adversarial terms, like the DAFL baseline, simply leaves them out)."""
+        terms = [getattr(self, name) * parts[name] for name in self.terms() if name in parts]
         total = terms[0]
         for term in terms[1:]:
             total = total + term

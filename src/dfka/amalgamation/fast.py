@@ -547,7 +547,13 @@ def compute_copy(model: BlockClassifier, device: torch.device | None = None) -> 
     return fast
 
 
-class ComputeTeachers(nn.Module):
+class FrozenTeachers(nn.Module):
+    """Base of the modules that hold frozen teachers (:class:`~dfka.amalgamation.teacher_set.TeacherSet`,
+    :class:`ComputeTeachers`): :func:`accelerate` leaves them alone, their fast path is
+    :func:`compute_copy`."""
+
+
+class ComputeTeachers(FrozenTeachers):
     """The compute copies of a teacher set's models, by name; they never leave eval mode."""
 
     def __init__(self, models: dict[str, BlockClassifier]):
@@ -578,9 +584,7 @@ def accelerate(module: nn.Module, device: torch.device, _fmt: torch.memory_forma
     its thin convs on CPU and conv weights in the preferred memory format (decided per net, see
     :func:`preferred_format`). Parameters stay the same objects under the same names, so optimisers,
     state dicts and checkpoints see no difference. Teacher sets inside ``module`` are left alone."""
-    from dfka.amalgamation.teacher_set import TeacherSet
-
-    if not _ENABLED or isinstance(module, (TeacherSet, ComputeTeachers)):
+    if not _ENABLED or isinstance(module, FrozenTeachers):
         return module
     if _fmt is None or isinstance(module, BlockClassifier):
         _fmt = preferred_format(module, device)

@@ -36,7 +36,7 @@ class TeacherInfo:
     pos: tuple[int, ...]  # positions of those labels in Y_cst
 
 
-class TeacherSet(nn.Module):
+class TeacherSet(fast.FrozenTeachers):
     """M frozen teachers keyed by name, plus the mapping of their outputs onto ``Y_cst``.
 
     Teachers are frozen at construction (eval mode, ``requires_grad=False``) and stay in eval mode even

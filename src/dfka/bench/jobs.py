@@ -9,6 +9,7 @@ training images (by the method or anything it calls) raises :class:`~dfka.errors
 
 from __future__ import annotations
 
+import functools
 import logging
 import time
 import traceback
@@ -26,6 +27,11 @@ from dfka.amalgamation.probe import TimeProbe, probing
 from dfka.amalgamation.run import StageReport, teacher_set_from_bundles
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule
+from dfka.baselines.dafl import train_dafl
+from dfka.baselines.dfad import train_dfad
+from dfka.baselines.kd_real import train_kd_real
+from dfka.baselines.layerwise import train_layerwise
+from dfka.baselines.noise import train_noise
 from dfka.bench.config import DATA_FREE, WITH_DATA, BenchmarkConfig
 from dfka.bench.evaluate import (
     PROBE_IMAGES,
@@ -249,99 +255,64 @@ def _dfka_paper(ctx: JobContext) -> Trained:
     return _dfka(replace(ctx, amal=paper_config(ctx.amal)))
 
 
-def _dafl(ctx: JobContext) -> Trained:
-    from dfka.baselines.dafl import train_dafl
+@dataclass(frozen=True)
+class Baseline:
+    """How the bench trains one baseline of :mod:`dfka.baselines`. Every trainer is called as
+    ``train(teachers, union, amal, budget[, train_images], options=..., device=..., on_metrics=...,
+    progress=...)``: the methods in :data:`~dfka.bench.config.WITH_DATA` also get the real training
+    images, and the reference budget instead of the data-free one."""
 
-    student, gen, report = train_dafl(
+    train: Callable[..., tuple[Any, ...]]
+    options: str  # its field of BenchmarkConfig.baselines
+    #: the sample grid, from what the trainer returns between the student and its report(s)
+    samples: Callable[[JobContext, Any], torch.Tensor] | None = None
+    #: the trainer returns its stage reports (else one report: the ``train`` stage)
+    stages: bool = False
+
+
+def _generator_grid(ctx: JobContext, generator: nn.Module) -> torch.Tensor:
+    return generator_samples(generator, ctx.amal.gan.latent_dim)
+
+
+def _source_grid(ctx: JobContext, source: Callable[[int], torch.Tensor]) -> torch.Tensor:
+    return source(GRID_SAMPLES)
+
+
+BASELINES: dict[str, Baseline] = {
+    "dafl": Baseline(train_dafl, "dafl", samples=_generator_grid),
+    "dfad": Baseline(train_dfad, "dfad", samples=_generator_grid),
+    "noise": Baseline(train_noise, "noise", samples=_source_grid),
+    "kd-real": Baseline(train_kd_real, "kd_real"),
+    "layerwise": Baseline(train_layerwise, "layerwise", stages=True),
+}
+
+
+def _baseline(method: str, ctx: JobContext) -> Trained:
+    spec = BASELINES[method]
+    if method in WITH_DATA:
+        assert ctx.train_images is not None
+        data: tuple[Any, ...] = (ctx.reference_budget, ctx.train_images)
+    else:
+        data = (ctx.budget,)
+    student, *middle, report = spec.train(
         ctx.teachers,
         ctx.union,
         ctx.amal,
-        ctx.budget,
-        device=ctx.device,
-        on_metrics=ctx.on_metrics,
-        progress=ctx.progress,
-        options=ctx.cfg.baselines.dafl,
-    )
-    return Trained(student, {"train": report}, generator_samples(gen, ctx.amal.gan.latent_dim))
-
-
-def _dfad(ctx: JobContext) -> Trained:
-    from dfka.baselines.dfad import train_dfad
-
-    student, gen, report = train_dfad(
-        ctx.teachers,
-        ctx.union,
-        ctx.amal,
-        ctx.budget,
-        options=ctx.cfg.baselines.dfad,
-        device=ctx.device,
-        on_metrics=ctx.on_metrics,
-        progress=ctx.progress,
-    )
-    return Trained(student, {"train": report}, generator_samples(gen, ctx.amal.gan.latent_dim))
-
-
-def _noise(ctx: JobContext) -> Trained:
-    from dfka.baselines.noise import train_noise
-
-    student, source, report = train_noise(
-        ctx.teachers,
-        ctx.union,
-        ctx.amal,
-        ctx.budget,
-        options=ctx.cfg.baselines.noise,
-        device=ctx.device,
-        on_metrics=ctx.on_metrics,
-        progress=ctx.progress,
-    )
-    return Trained(student, {"train": report}, source(GRID_SAMPLES))
-
-
-def _kd_real(ctx: JobContext) -> Trained:
-    from dfka.baselines.kd_real import train_kd_real
-
-    assert ctx.train_images is not None
-    student, report = train_kd_real(
-        ctx.teachers,
-        ctx.union,
-        ctx.amal,
-        ctx.reference_budget,
-        ctx.train_images,
-        options=ctx.cfg.baselines.kd_real,
+        *data,
+        options=getattr(ctx.cfg.baselines, spec.options),
         device=ctx.device,
         on_metrics=ctx.on_metrics,
         progress=ctx.progress,
     )
-    return Trained(student, {"train": report})
-
-
-def _layerwise(ctx: JobContext) -> Trained:
-    from dfka.baselines.layerwise import train_layerwise
-
-    assert ctx.train_images is not None
-    student, stages = train_layerwise(
-        ctx.teachers,
-        ctx.union,
-        ctx.amal,
-        ctx.reference_budget,
-        ctx.train_images,
-        options=ctx.cfg.baselines.layerwise,
-        device=ctx.device,
-        on_metrics=ctx.on_metrics,
-        progress=ctx.progress,
-    )
-    return Trained(student, stages)
+    samples = spec.samples(ctx, *middle) if spec.samples is not None else None
+    return Trained(student, report if spec.stages else {"train": report}, samples)
 
 
 TRAINERS: dict[str, Callable[[JobContext], Trained]] = {
     "ensemble": _ensemble,
     "dfka": _dfka,
     "dfka-paper": _dfka_paper,
-    "dafl": _dafl,
-    "dfad": _dfad,
-    "noise": _noise,
-    "kd-real": _kd_real,
-    "layerwise": _layerwise,
+    **{method: functools.partial(_baseline, method) for method in BASELINES},
 }
 
 

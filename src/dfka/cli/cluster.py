@@ -5,8 +5,6 @@ from __future__ import annotations
 import argparse
 
 from dfka.cluster import (
-    MLFLOW_SERVICE,
-    S3_SECRET,
     CheckResult,
     check_kfp_direct,
     load_api_client,
@@ -16,6 +14,7 @@ from dfka.cluster import (
 )
 from dfka.errors import ConfigError
 from dfka.placement import DEFAULT_GPU_PLACEMENT
+from dfka.settings import MLFLOW_SERVICE, S3_SECRET
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

@@ -82,10 +82,11 @@ def _submit(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from dfka.pipeline_runner import run_module
+    from dfka.settings import KFP_TOKEN_ENV
 
     opts = ["--host", args.host, "--experiment", args.experiment]
     if args.token:  # through the environment, not argv (visible to other users in the process list)
-        os.environ["DFKA_KFP_TOKEN"] = args.token
+        os.environ[KFP_TOKEN_ENV] = args.token
     for flag in ("run_name", "namespace", "pipeline_root", "service_account"):
         if getattr(args, flag):
             opts += [f"--{flag.replace('_', '-')}", getattr(args, flag)]

@@ -31,8 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dfka import storage
-from dfka.pipeline_config import GIT_COMMIT_ENV, RUN_ID_ENV
-from dfka.settings import default_bucket, redact
+from dfka.settings import GIT_COMMIT_ENV, RUN_ID_ENV, default_bucket, redact
 from dfka.tracking import Tracker, apply_http_defaults, clean_params, probe
 
 if TYPE_CHECKING:
