@@ -168,8 +168,8 @@ BAD_BUNDLES: list[tuple[str, Callable[[Path], None], str]] = [
     ("wrong label count", _edit_manifest(_set("labels", ["a", "b"])), "2 labels for 3 outputs"),
     (
         "unknown architecture",
-        _edit_manifest(lambda d: d["arch"].update(arch="vgg")),
-        "unknown architecture 'vgg'",
+        _edit_manifest(lambda d: d["arch"].update(arch="alexnet")),
+        "unknown architecture 'alexnet'",
     ),
     ("arch width mismatch", _edit_manifest(lambda d: d["arch"].update(width=1.0)), "level shapes"),
     ("input shape mismatch", _edit_manifest(lambda d: d["input"].update(shape=[3, 28, 28])), "input shape"),

@@ -81,8 +81,8 @@ def test_flops_of_a_linear_layer_are_exact() -> None:
 
 
 def test_registry_errors_name_the_fix() -> None:
-    with pytest.raises(ConfigError, match="unknown architecture 'vgg'"):
-        build_model({"arch": "vgg", "num_outputs": 2, "input_shape": [1, 28, 28]})
+    with pytest.raises(ConfigError, match="unknown architecture 'alexnet'"):
+        build_model({"arch": "alexnet", "num_outputs": 2, "input_shape": [1, 28, 28]})
     with pytest.raises(ConfigError, match="no option"):
         build_model({"arch": "lenet5", "depth": 2, "num_outputs": 2, "input_shape": [1, 28, 28]})
     with pytest.raises(ConfigError, match="cannot build"):

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,8 @@ WEIGHTS_NAME = "weights.safetensors"
 MAX_MANIFEST_BYTES = 1 << 20
 #: Teacher names become module keys, metric names and path parts: letters, digits, '_' and '-'.
 SAFE_NAME = r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$"
+#: Label names too: they become metric names, folder names of a test set and the ``A..B`` range syntax.
+SAFE_LABEL = SAFE_NAME
 MAX_WEIGHTS_BYTES = 4 << 30
 #: File name endings that mean "a pickle": refused with an explanation, never opened.
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".tar")
@@ -95,6 +98,12 @@ class TeacherManifest(BaseModel):
     @field_validator("labels")
     @classmethod
     def _unique_labels(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if not re.match(SAFE_LABEL, x)]
+        if bad:
+            raise ValueError(
+                f"label names {bad[:5]} are not safe names (letters, digits, '_' and '-', at most 64, "
+                "starting with a letter or digit; they become metric names and folder names)"
+            )
         dupes = sorted({x for x in v if v.count(x) > 1})
         if dupes:
             raise ValueError(f"duplicate label names {dupes}")
@@ -149,6 +158,12 @@ def save_bundle(
 
     if len(labels) != model.num_outputs:
         raise BundleError(f"{len(labels)} label names for a model with {model.num_outputs} outputs")
+    unsafe = [label for label in labels if not isinstance(label, str) or not re.match(SAFE_LABEL, label)]
+    if unsafe or not re.match(SAFE_NAME, str(name)):
+        raise BundleError(
+            f"unsafe {'label names ' + repr(unsafe[:5]) if unsafe else 'teacher name ' + repr(name)}",
+            "use letters, digits, '_' and '-' (at most 64, starting with a letter or digit), e.g. golden_retriever",
+        )
     with tempfile.TemporaryDirectory(prefix="dfka-bundle-") as tmp:
         local = Path(tmp)
         weights = local / WEIGHTS_NAME
@@ -280,12 +295,23 @@ def _load_local(path: Path, source: str) -> TeacherBundle:
         raise BundleError(
             f"{weights_path} is not a readable safetensors file ({err})", "re-copy the bundle"
         ) from None
+    _check_state(model, state, source, manifest.arch.get("arch"))
+    model.load_state_dict(state, strict=True)
+    model.eval()
+    return TeacherBundle(manifest=manifest, model=model, source=source)
+
+
+def _check_state(
+    model: BlockClassifier, state: dict[str, torch.Tensor], source: str, arch: Any = None
+) -> None:
+    """Every tensor named and shaped as the model expects, finite, with non-negative BN variances."""
+    arch = arch if arch is not None else model.spec.get("arch")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     if missing or unexpected:
         raise BundleError(
-            f"{source}: weights do not match architecture {manifest.arch.get('arch')} "
+            f"{source}: weights do not match architecture {arch} "
             f"(missing {missing[:5]}{'…' if len(missing) > 5 else ''}, unexpected {unexpected[:5]})",
             "check the manifest's arch options (width, blocks) against the model that produced the weights",
         )
@@ -305,6 +331,74 @@ def _load_local(path: Path, source: str) -> TeacherBundle:
                 f"{source}: BatchNorm {key} has negative running variances (a variance cannot be negative)",
                 "the weights were damaged or hand-edited; re-export the teacher",
             )
+
+
+def read_state_dict(path: str | Path, *, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
+    """A state dict from a ``.safetensors`` file, or, with ``trust_pickle``, from a PyTorch ``.pt``/``.pth``
+    file the user vouches for (``torch.load(weights_only=True)``: tensors and containers only). This is
+    the one place dfka reads a pickle, and only when its own user asks on the command line."""
+    path = Path(path)
+    if not path.is_file():
+        raise BundleError(f"state dict {path} not found", "pass the file the weights were saved to")
+    if path.stat().st_size > MAX_WEIGHTS_BYTES:
+        raise BundleError(f"{path} is over the {MAX_WEIGHTS_BYTES}-byte limit")
+    if path.name.lower().endswith(PICKLE_SUFFIXES):
+        if not trust_pickle:
+            raise BundleError(
+                f"{path} is a pickled PyTorch file; dfka does not unpickle files it is not told to trust",
+                "if you made it yourself, pass --trust-pickle (read with torch.load(weights_only=True)), "
+                "or save it with safetensors.torch.save_file(model.state_dict(), 'weights.safetensors')",
+            )
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # torch raises many kinds on a bad or hostile file
+            raise BundleError(
+                f"{path} is not a plain state dict ({type(err).__name__}: {str(err)[:200]})",
+                "save model.state_dict() (not the model object) and try again",
+            ) from None
+        if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+            state = state["state_dict"]  # the common {"state_dict": ...} checkpoint layout
+    else:
+        try:
+            state = load_file(str(path))
+        except (SafetensorError, OSError, ValueError) as err:
+            raise BundleError(f"{path} is not a readable safetensors file ({err})", "re-export it") from None
+    if not isinstance(state, dict) or not all(
+        isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
+    ):
+        raise BundleError(f"{path} does not hold a mapping of names to tensors", "save model.state_dict()")
+    return state
+
+
+def pack_bundle(
+    spec: dict[str, Any],
+    state: dict[str, torch.Tensor],
+    out: str | Path,
+    *,
+    name: str,
+    labels: Sequence[str],
+    task: Task,
+    mean: Sequence[float],
+    std: Sequence[float],
+    metrics: dict[str, float] | None = None,
+) -> TeacherBundle:
+    """Build ``spec`` (a registry name, entry point or allowed import path), load ``state`` into it with
+    every check :func:`load_bundle` makes, write the bundle to ``out`` and load it back verified."""
+    if len(labels) != int(spec.get("num_outputs", len(labels))):
+        raise BundleError(f"{len(labels)} label names for an architecture with {spec['num_outputs']} outputs")
+    try:
+        model = build_model({**spec, "num_outputs": len(labels)}, mean=mean, std=std)
+    except ConfigError as err:
+        raise BundleError(err.problem, err.fix) from None
+    _check_state(model, state, f"state dict for {spec.get('arch')}")
     model.load_state_dict(state, strict=True)
-    model.eval()
-    return TeacherBundle(manifest=manifest, model=model, source=source)
+    save_bundle(
+        model,
+        out,
+        name=name,
+        labels=labels,
+        task=task,
+        metrics=metrics,
+        training={"packed_by": "dfka teachers pack"},
+    )
+    return load_bundle(out)

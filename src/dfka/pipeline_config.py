@@ -245,9 +245,7 @@ def resolve_target_labels(spec: str | Sequence[str] | None, available: Sequence[
     out: list[str] = []
     for token in tokens:
         if ".." in token:
-            from dfka.data import parse_labels
-
-            out.extend(parse_labels(token))
+            out.extend(_expand_range(token, available))
         elif token.lower() in by_lower:
             out.append(by_lower[token.lower()])
         else:
@@ -264,6 +262,31 @@ def resolve_target_labels(spec: str | Sequence[str] | None, available: Sequence[
             "list each label once (check overlapping ranges and differently-cased names)",
         )
     return out
+
+
+def _expand_range(token: str, available: Sequence[str]) -> list[str]:
+    """A built-in range (``digit_0..digit_4``) over its dataset's order; a range between two of the
+    teachers' own label names over the order the teachers list their labels in."""
+    from dfka.data import ALL_LABELS, parse_labels
+
+    first, _, last = (part.strip().lower() for part in token.partition(".."))
+    order = list(dict.fromkeys(available))
+    lowered = [label.lower() for label in order]
+    if first in ALL_LABELS and last in ALL_LABELS:
+        return parse_labels(token)
+    if first in lowered and last in lowered and ".." not in last:
+        i, j = lowered.index(first), lowered.index(last)
+        if i > j:
+            raise LabelError(
+                f"label range {token!r} is reversed ({order[i]} comes after {order[j]})",
+                f"write it as {order[j]}..{order[i]}",
+            )
+        return order[i : j + 1]
+    missing = [x for x in (first, last) if x not in lowered and x not in ALL_LABELS]
+    raise LabelError(
+        f"label range {token!r}: {', '.join(missing) or token} is not a label of any teacher",
+        f"write FIRST..LAST with two of the teachers' labels: {', '.join(order)}",
+    )
 
 
 def config_hash(document: Mapping[str, Any]) -> str:

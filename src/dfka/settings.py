@@ -14,6 +14,8 @@ laptop (``$DFKA_HOME/stack.env`` written by ``dfka stack up``) configure dfka th
 ``DFKA_BUCKET``            default bucket for bundles and run outputs (``dfka``)
 ``MLFLOW_TRACKING_URI``    MLflow tracking server
 ``DFKA_NETWORK_TIMEOUT``   seconds before an unanswering S3, MLflow or KFP endpoint is an error (30)
+``DFKA_ARCH_MODULES``      module prefixes you trust, whose factories an ``arch: module:factory``
+                           spec may name (none: only built-ins and installed entry points)
 =========================  ==================================================================
 
 The names other parts share (environment variables the pipeline sets on a stage, the Kubernetes
@@ -35,6 +37,8 @@ CHECKPOINT_EVERY_ENV = "DFKA_CHECKPOINT_EVERY"
 DEFAULT_CHECKPOINT_EVERY = 500
 #: Set by ``dfka pipeline run`` (dfka.pipeline_runner) on pipelines/run_local.py: the runner dies with it.
 PARENT_PID_ENV = "DFKA_PARENT_PID"
+#: Module prefixes whose architecture factories a spec may name by import path (dfka.models.registry).
+ARCH_MODULES_ENV = "DFKA_ARCH_MODULES"
 #: Bearer token for an authenticated KFP endpoint (``dfka pipeline submit --token``, pipelines/submit.py).
 KFP_TOKEN_ENV = "DFKA_KFP_TOKEN"
 

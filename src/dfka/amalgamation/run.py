@@ -28,6 +28,7 @@ from dfka.bundles import TeacherBundle
 from dfka.checkpoint import Checkpoints, Position
 from dfka.data.guard import data_free
 from dfka.models import BlockClassifier, build_model, parse_arch
+from dfka.models.registry import accepts
 from dfka.runtime import pick_device, seed_everything, set_threads
 
 log = logging.getLogger(__name__)
@@ -56,7 +57,8 @@ def teacher_set_from_bundles(
 def build_student(spec: str, teachers: TeacherSet) -> BlockClassifier:
     """The student from a registry spec; input shape and block count follow the teachers."""
     partial = parse_arch(spec)
-    partial.setdefault("blocks", teachers.num_blocks)
+    if accepts(partial["arch"], "blocks"):
+        partial.setdefault("blocks", teachers.num_blocks)
     first = next(iter(teachers.models.values()))
     return build_model(
         {**partial, "num_outputs": len(teachers.target_labels), "input_shape": list(teachers.input_shape)},

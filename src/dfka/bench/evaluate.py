@@ -49,7 +49,7 @@ class SubTask:
 
 @dataclass
 class EvalSet:
-    images: torch.Tensor  # float (N, C, H, W) in [0, 1]
+    images: torch.Tensor | None  # float (N, C, H, W) in [0, 1]; None for a streamed folder set
     targets: torch.Tensor  # multiclass: (N,) index into label_names; multilabel: (N, L) multi-hot
     label_names: list[str]
     task: str
@@ -60,11 +60,15 @@ class EvalSet:
         return "map" if self.task == "multilabel" else "acc"
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.targets)
 
 
 def build_eval_set(
-    images: torch.Tensor, targets: torch.Tensor, label_names: list[str], task: str, teachers: TeacherSet
+    images: torch.Tensor | None,
+    targets: torch.Tensor,
+    label_names: list[str],
+    task: str,
+    teachers: TeacherSet,
 ) -> EvalSet:
     """Attach each teacher's sub-task to a test set whose targets are over ``label_names`` (= Y_cst)."""
     if list(label_names) != list(teachers.target_labels):
@@ -79,7 +83,7 @@ def build_eval_set(
             index = torch.nonzero(local >= 0).flatten()
             subtasks[name] = SubTask(positions, sel, index, local[index])
         else:
-            index = torch.arange(len(images))
+            index = torch.arange(len(targets))
             subtasks[name] = SubTask(positions, sel, index, targets[:, positions])
     return EvalSet(images, targets, list(label_names), task, subtasks)
 
@@ -159,4 +163,30 @@ def evaluate_teachers(teachers: TeacherSet, ev: EvalSet) -> dict[str, float]:
         sub = ev.subtasks[name]
         logits = predict(model, ev.images[sub.index], batch_size=BATCH)[:, sub.sel]
         out[f"teacher_{ev.metric}.{name}"] = metric_value(logits, sub.targets, ev.task)
+    return out
+
+
+@torch.no_grad()
+def evaluate_folder(student: Model, teachers: TeacherSet, union: Model, folder) -> dict[str, float]:
+    """The metrics of :func:`evaluate_model` and :func:`evaluate_teachers` on a user's folder test set
+    (:class:`~dfka.data.folder.ImageFolderSet`), decoded a batch at a time: only the scores are kept."""
+    if isinstance(student, torch.nn.Module):
+        student.eval()
+    names = [name for name, _ in teachers]
+    student_scores, ensemble_scores, targets = [], [], []
+    teacher_scores: dict[str, list[torch.Tensor]] = {name: [] for name in names}
+    for images, labels in folder.batches(BATCH):
+        logits = {name: model(images) for name, model in teachers}
+        student_scores.append(student(images))
+        ensemble_scores.append(union(logits))
+        for name in names:
+            teacher_scores[name].append(logits[name])
+        targets.append(labels)
+    ev = build_eval_set(None, torch.cat(targets), folder.label_names, "multiclass", teachers)
+    out = {f"student.{k}": v for k, v in score_subtasks(torch.cat(student_scores), ev).items()}
+    out |= {f"ensemble.{k}": v for k, v in score_subtasks(torch.cat(ensemble_scores), ev).items()}
+    for name in names:
+        sub = ev.subtasks[name]
+        restricted = torch.cat(teacher_scores[name])[sub.index][:, sub.sel]
+        out[f"teacher_{ev.metric}.{name}"] = metric_value(restricted, sub.targets, ev.task)
     return out

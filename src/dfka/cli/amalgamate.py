@@ -26,7 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--threads", type=int)
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
-    p.add_argument("--eval-dataset", help="real test split to score on (default: the teachers' dataset)")
+    p.add_argument(
+        "--eval-dataset",
+        help="real test split to score on (default: the teachers' dataset), or your own labelled test "
+        "set: a folder or s3:// prefix with one sub-folder of PNG/JPEG images per label name",
+    )
     p.add_argument("--out", required=True, help="output dir or s3://bucket/prefix for the TargetNet")
     p.set_defaults(func=_amalgamate)
 
@@ -37,8 +41,9 @@ def _amalgamate(args: argparse.Namespace) -> int:
     from dfka.amalgamation.run import amalgamate
     from dfka.bundles import load_bundle
     from dfka.config_files import load_yaml
-    from dfka.data import parse_labels
+    from dfka.data.folder import is_folder_spec, open_folder
     from dfka.errors import ConfigError, describe_validation
+    from dfka.pipeline_config import resolve_target_labels
     from dfka.runtime import ensure_writable_dir
 
     raw = load_yaml(args.config) if args.config else {}
@@ -52,8 +57,6 @@ def _amalgamate(args: argparse.Namespace) -> int:
     }.items():
         if value is not None:
             raw[key] = value
-    if args.labels:
-        raw["target_labels"] = parse_labels(args.labels)
     try:
         cfg = AmalgamationConfig.model_validate(raw)
     except ValueError as err:
@@ -62,10 +65,18 @@ def _amalgamate(args: argparse.Namespace) -> int:
             "fix the keys named above (schema and defaults: dfka.amalgamation.config, README's config table)",
         ) from None
     bundles = [load_bundle(uri) for uri in args.teachers]
+    if args.labels:  # names and ranges over the teachers' own labels (built-in or the user's)
+        union = [label for b in bundles for label in b.labels]
+        cfg = cfg.model_copy(update={"target_labels": resolve_target_labels(args.labels, union)})
     # what would fail after the training fails now: an unwritable --out, an unknown evaluation dataset
     if "://" not in args.out:
         ensure_writable_dir(args.out, OUT_BYTES)
     dataset = eval_dataset(bundles, args.eval_dataset)
+    folder = None
+    if is_folder_spec(dataset):  # checked whole (labels, sizes, every file) before anything trains
+        union = cfg.target_labels or list(dict.fromkeys(y for b in bundles for y in b.labels))
+        folder = open_folder(dataset, union, bundles[0].model.input_shape)
+        print(f"test set: {dataset}: {len(folder)} images of {len(set(folder.targets))} labels")
 
     result = amalgamate(bundles, cfg)
     print("\nstage        seconds   steps   samples/s")
@@ -74,7 +85,7 @@ def _amalgamate(args: argparse.Namespace) -> int:
     total = sum(r.seconds for r in result.stages.values())
     print(f"{'total':<12} {total:8.1f}")
 
-    metrics = evaluate_on_test(result, bundles, dataset)
+    metrics = evaluate_on_test(result, bundles, dataset, folder)
     for key, value in metrics.items():
         print(f"{key:<28} {value:.4f}")
     provenance = {"teachers": [b.source for b in bundles], "config": json.loads(cfg.model_dump_json())}
@@ -95,18 +106,21 @@ def eval_dataset(bundles, dataset: str | None) -> str:
         if len(datasets) != 1 or None in datasets:
             raise ConfigError(
                 f"the teachers were trained on {sorted(map(str, datasets))}",
-                "pass --eval-dataset (e.g. mnist+fashion)",
+                "pass --eval-dataset (e.g. mnist+fashion, or a folder of your own labelled images)",
             )
         dataset = datasets.pop()
     return dataset
 
 
-def evaluate_on_test(result, bundles, dataset: str | None) -> dict[str, float]:
-    """TargetNet, teacher ensemble and each teacher on the real test split (union and sub-tasks)."""
-    from dfka.bench.evaluate import evaluate_model, evaluate_teachers, load_eval_set
+def evaluate_on_test(result, bundles, dataset: str | None, folder=None) -> dict[str, float]:
+    """TargetNet, teacher ensemble and each teacher on the real test split, or on a user's folder test
+    set (``folder``, from :func:`dfka.data.folder.open_folder`): union and sub-tasks."""
+    from dfka.bench.evaluate import evaluate_folder, evaluate_model, evaluate_teachers, load_eval_set
 
-    dataset = eval_dataset(bundles, dataset)
     teachers, union = result.teachers.cpu(), result.union.cpu()
+    if folder is not None:
+        return evaluate_folder(result.targetnet.cpu(), teachers, union, folder)
+    dataset = eval_dataset(bundles, dataset)
     ev = load_eval_set(dataset, teachers, "multilabel" if teachers.task == "multilabel" else "multiclass")
     student, _ = evaluate_model(result.targetnet.cpu(), ev)
     ensemble, _ = evaluate_model(lambda x: union({n: m(x) for n, m in teachers}), ev)

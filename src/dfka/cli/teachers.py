@@ -37,6 +37,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     zoo.add_argument("--threads", type=int)
     zoo.set_defaults(func=_zoo)
 
+    pack = cmds.add_parser(
+        "pack",
+        help="bundle a teacher you trained elsewhere: factory + state dict + label names -> safetensors + teacher.json",
+    )
+    pack.add_argument(
+        "--arch",
+        required=True,
+        help="architecture: a built-in (resnet18:0.25:blocks=3), an installed dfka.architectures entry "
+        "point, or module:factory with the module listed in DFKA_ARCH_MODULES",
+    )
+    pack.add_argument(
+        "--weights", required=True, help="state dict: .safetensors (or .pt/.pth with --trust-pickle)"
+    )
+    pack.add_argument(
+        "--trust-pickle",
+        action="store_true",
+        help="read a .pt/.pth state dict you made yourself (torch.load(weights_only=True))",
+    )
+    pack.add_argument(
+        "--labels", required=True, help="the output labels in order, comma-separated: cat,dog,fox"
+    )
+    pack.add_argument("--input-shape", required=True, help="C,H,W of the inputs, e.g. 3,32,32")
+    pack.add_argument("--mean", default="0", help="per-channel normalisation mean, e.g. 0.49,0.48,0.45")
+    pack.add_argument("--std", default="1", help="per-channel normalisation std, e.g. 0.25,0.24,0.26")
+    pack.add_argument("--task", default="multiclass", choices=["multiclass", "multilabel"])
+    pack.add_argument("--name", required=True, help="teacher name (letters, digits, '_' and '-')")
+    pack.add_argument("--out", required=True, help="bundle directory or s3://bucket/prefix")
+    pack.set_defaults(func=_pack)
+
     show = cmds.add_parser("show", help="verify a bundle and print its manifest")
     show.add_argument("uri", help="bundle directory or s3://bucket/prefix")
     show.set_defaults(func=_show)
@@ -89,6 +118,40 @@ def _zoo(args: argparse.Namespace) -> int:
             _print_row(json.loads(manifest.model_dump_json()), out, cached=True)
             continue
         _print_row(train_tracked(recipe, out, cfg.experiment, args.threads), out, cached=False)
+    return 0
+
+
+def _numbers(text: str, what: str, kind=float) -> list:
+    from dfka.errors import ConfigError
+
+    try:
+        return [kind(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(
+            f"{what} {text!r} is not a comma-separated list of numbers", "e.g. 3,32,32"
+        ) from None
+
+
+def _pack(args: argparse.Namespace) -> int:
+    from dfka.bundles import pack_bundle, read_state_dict
+    from dfka.errors import ConfigError
+    from dfka.models import parse_arch
+
+    labels = [v.strip() for v in args.labels.split(",") if v.strip()]
+    shape = _numbers(args.input_shape, "--input-shape", int)
+    if len(shape) != 3:
+        raise ConfigError(f"--input-shape {args.input_shape!r} is not C,H,W", "e.g. --input-shape 3,32,32")
+    mean, std = _numbers(args.mean, "--mean"), _numbers(args.std, "--std")
+    spec = parse_arch(args.arch) | {"input_shape": shape, "num_outputs": len(labels)}
+    state = read_state_dict(args.weights, trust_pickle=args.trust_pickle)
+    bundle = pack_bundle(
+        spec, state, args.out, name=args.name, labels=labels, task=args.task, mean=mean, std=std
+    )
+    m = bundle.manifest
+    print(
+        f"packed {m.name}: {m.arch['arch']}, {m.block_count} blocks, levels {m.level_shapes}, "
+        f"{len(m.labels)} labels ({m.labels[0]}..{m.labels[-1]}) -> {args.out} (verified)"
+    )
     return 0
 
 

@@ -84,3 +84,19 @@ def check_split(split: str, what: str) -> None:
         f"only the test split may be read here (for evaluation); load training data in a stage that is not "
         f"data-free, i.e. outside `data_free(...)` and without {ENV_VAR} set",
     )
+
+
+def check_user_images(what: str) -> None:
+    """Raise :class:`DataFreeViolation` if a data-free stage opens a user's labelled image set.
+
+    Stricter than :func:`check_split`: a user's folder has no "test split" dfka can vouch for (it may be
+    the teachers' training data), so no data-free stage may read any of it.
+    """
+    if not is_data_free():
+        return
+    raise DataFreeViolation(
+        f"data-free stage ({data_free_reason()}) tried to read {what}; data-free stages may not read "
+        "real images",
+        "read the labelled set in the evaluation step only (outside `data_free(...)`, without "
+        f"{ENV_VAR} set)",
+    )

@@ -5,6 +5,8 @@ from dfka.models.lenet import lenet5
 from dfka.models.profile import count_flops, count_params
 from dfka.models.registry import available, build_model, parse_arch, register
 from dfka.models.resnet import resnet
+from dfka.models.resnet18 import resnet18
+from dfka.models.vgg import vgg
 
 __all__ = [
     "BlockClassifier",
@@ -18,4 +20,6 @@ __all__ = [
     "parse_arch",
     "register",
     "resnet",
+    "resnet18",
+    "vgg",
 ]
