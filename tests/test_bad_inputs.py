@@ -30,7 +30,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from dfka.bundles import MANIFEST_NAME, WEIGHTS_NAME, save_bundle, sha256_file
-from dfka.errors import BundleError, CompatibilityError, ConfigError, DfkaError, LabelError
+from dfka.errors import BundleError, CompatibilityError, ConfigError, DataError, DfkaError, LabelError
 from dfka.pipeline_config import ExperimentConfig
 from dfka.stages.ingest import preflight
 from tests.test_bundles import Evil, toy_model
@@ -148,6 +148,21 @@ def _pickle_teacher(raw: dict[str, Any], root: Path) -> None:
     raw["teachers"][1] = str(root / "b.pt")
 
 
+def _own_test_set(extra_label: str | None = None, size: int = 12) -> Callable[[dict[str, Any], Path], None]:
+    """evaluation.dataset: a folder test set (LABEL/IMAGE.png) with one thing wrong."""
+
+    def apply(raw: dict[str, Any], root: Path) -> None:
+        from PIL import Image
+
+        folder = root / "own-test-set"
+        for label in [*DIGITS[:8], *([extra_label] if extra_label else [])]:
+            (folder / label).mkdir(parents=True)
+            Image.new("L", (size, size)).save(folder / label / "0.png")
+        raw["evaluation"] = {"dataset": str(folder)}
+
+    return apply
+
+
 def _same_name(raw: dict[str, Any], root: Path) -> None:
     _edit_manifest("b", lambda d: d.update(name="a"))(raw, root)
 
@@ -175,6 +190,9 @@ CASES: list[Case] = [
     Case("fewer samples than a batch", _set("amalgamation.export.samples", 8), ConfigError, r"export\.samples \(8\) is smaller than blocks\.batch_size \(16\)"),
     Case("unknown device", _set("amalgamation.device", "tpu"), ConfigError, r"device 'tpu' is not a device"),
     Case("unknown evaluation dataset", _set("evaluation.dataset", "cifar"), ConfigError, r"unknown dataset 'cifar'"),
+    Case("own test set with an unknown label", _own_test_set("digit_9"), DataError, r"labels the TargetNet does not predict: digit_9"),
+    Case("own test set of the wrong size", _own_test_set(size=28), DataError, r"0\.png is 28x28; the teachers take 12x12"),
+    Case("own test set that is empty", _set("evaluation.dataset", "/nonexistent/test-set"), DataError, r"holds no files \(or does not exist\)"),
     # -- label requests
     Case("empty target set", _set("target_labels", []), ConfigError, r"target label set is empty; omit target_labels"),
     Case("empty inner target set", _set("amalgamation.target_labels", []), ConfigError, r"amalgamation\.target_labels is empty"),

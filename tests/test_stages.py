@@ -255,3 +255,18 @@ def test_evaluate_scores_teachers_ensemble_and_targetnet(tmp_path: Path, mnist_t
     assert "data:image/png;base64," in (Path(ev) / "report.html").read_text()
     for name in ("results.json", "results.md", "confusion.png", "samples_grid.png"):
         assert (Path(ev) / name).is_file(), name
+
+    # the same 10,000 test images as a user's folder test set (PNG is lossless): the same numbers
+    from PIL import Image
+
+    folder = tmp_path / "own-test-set"
+    images, targets = load_split("mnist", "test").tensors()
+    for i, (img, label) in enumerate(zip(images, targets.tolist())):
+        (folder / f"digit_{label}").mkdir(parents=True, exist_ok=True)
+        pixels = (img[0].numpy() * 255).round().astype("uint8")
+        Image.fromarray(pixels, "L").save(folder / f"digit_{label}" / f"{i:05d}.png")
+    own = stages.evaluate(ts, net, exp, str(tmp_path / "eval-own"), dataset=str(folder))
+    assert own["results"]["images"] == 10000 and own["results"]["dataset"] == str(folder)
+    for key in ("test.student.acc", "test.ensemble.acc", "test.teacher.lo.acc", "test.student.task.hi.acc"):
+        assert own["metrics"][key] == pytest.approx(m[key], abs=1e-9), key
+    assert own["confusion"]["matrix"] == confusion["matrix"]  # counts do not depend on file order

@@ -59,7 +59,9 @@ class EvaluationSettings(_Strict):
     """The real test split the last stage scores on (the only real images the pipeline reads)."""
 
     dataset: str | None = Field(
-        None, description="mnist, fashion, mnist+fashion or mosaic; default: the teachers' training dataset"
+        None,
+        description="mnist, fashion, mnist+fashion or mosaic, or your own labelled test set (a folder or "
+        "s3:// prefix laid out LABEL/IMAGE.png, see dfka.data.folder); default: the teachers' training dataset",
     )
 
 

@@ -75,7 +75,10 @@ def _amalgamate(args: argparse.Namespace) -> int:
     folder = None
     if is_folder_spec(dataset):  # checked whole (labels, sizes, every file) before anything trains
         union = cfg.target_labels or list(dict.fromkeys(y for b in bundles for y in b.labels))
-        folder = open_folder(dataset, union, bundles[0].model.input_shape)
+        tasks = {b.task for b in bundles}
+        folder = open_folder(
+            dataset, union, bundles[0].model.input_shape, tasks.pop() if len(tasks) == 1 else "mixed"
+        )
         print(f"test set: {dataset}: {len(folder)} images of {len(set(folder.targets))} labels")
 
     result = amalgamate(bundles, cfg)

@@ -106,7 +106,9 @@ def _decode(root: str, rel: str, shape: tuple[int, int, int]) -> np.ndarray:
     return arr[None] if shape[0] == 1 else arr.transpose(2, 0, 1).copy()
 
 
-def open_folder(root: str, labels: Sequence[str], shape: Sequence[int]) -> ImageFolderSet:
+def open_folder(
+    root: str, labels: Sequence[str], shape: Sequence[int], task: str = "multiclass"
+) -> ImageFolderSet:
     """List and check a folder test set against the target labels ``labels`` and input ``shape``.
 
     Every image's header is read (format, size, mode) and decoded once, so an unreadable file, a wrong
@@ -115,6 +117,11 @@ def open_folder(root: str, labels: Sequence[str], shape: Sequence[int]) -> Image
     metric); label folders with no images are allowed (the label then has no test images).
     """
     check_user_images(f"the labelled image folder {root}")
+    if task != "multiclass":
+        raise DataError(
+            f"a folder test set has one label per image, but the teachers are {task}",
+            "score multi-label teachers on a built-in dataset (evaluation.dataset: mosaic)",
+        )
     c, h, w = (int(s) for s in shape)
     if c not in (1, 3):
         raise DataError(

@@ -19,6 +19,7 @@ import torch
 from dfka import storage
 from dfka.amalgamation.regroup import load_targetnet
 from dfka.data import load_split
+from dfka.data.folder import ImageFolderSet, is_folder_spec, open_folder
 from dfka.errors import ConfigError
 from dfka.evaluation import confusion_matrix, mean_average_precision, score
 from dfka.models import count_flops, count_params
@@ -39,6 +40,21 @@ def _predict(
     fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, device: torch.device, bs: int = 1000
 ) -> torch.Tensor:
     return torch.cat([fn(x[i : i + bs].to(device)).float().cpu() for i in range(0, len(x), bs)])
+
+
+@torch.no_grad()
+def _predict_folder(
+    net: torch.nn.Module, teachers: Any, folder: ImageFolderSet, device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
+    """TargetNet scores, each teacher's logits and the targets of a folder test set; only scores are kept."""
+    student, targets, logits = [], [], {name: [] for name, _ in teachers}
+    for images, labels in folder.batches():
+        images = images.to(device)
+        student.append(net(images).float().cpu())
+        for name, model in teachers:
+            logits[name].append(model(images).float().cpu())
+        targets.append(labels)
+    return torch.cat(student), {k: torch.cat(v) for k, v in logits.items()}, torch.cat(targets)
 
 
 def _subtask(scores: torch.Tensor, y: torch.Tensor, cols: list[int], pos: list[int], task: str) -> float:
@@ -78,7 +94,8 @@ def evaluate(
     if not dataset:
         raise ConfigError(
             "no evaluation dataset: the teachers do not name one common training dataset",
-            "set evaluation.dataset in the experiment config (mnist, fashion, mnist+fashion, mosaic)",
+            "set evaluation.dataset in the experiment config (mnist, fashion, mnist+fashion, mosaic, or a "
+            "folder / s3:// prefix of your own labelled images: LABEL/IMAGE.png)",
         )
     task = ts.teachers.task
     if task == "mixed":
@@ -93,10 +110,16 @@ def evaluate(
         labels = list(ts.teachers.target_labels)
         if manifest.labels != labels:
             raise ConfigError(f"the TargetNet predicts {manifest.labels}, the teacher set targets {labels}")
-        test = load_split(dataset, "test", labels=labels, task=task)
-        x, y = test.tensors()
-        student = _predict(net, x, ts.device)
-        teacher_logits = {name: _predict(model, x, ts.device) for name, model in ts.teachers}
+        if is_folder_spec(dataset):  # the user's own labelled set, decoded a batch at a time
+            folder = open_folder(dataset, labels, ts.teachers.input_shape, task)
+            student, teacher_logits, y = _predict_folder(net, ts.teachers, folder, ts.device)
+            n_images = len(folder)
+        else:
+            test = load_split(dataset, "test", labels=labels, task=task)
+            x, y = test.tensors()
+            student = _predict(net, x, ts.device)
+            teacher_logits = {name: _predict(model, x, ts.device) for name, model in ts.teachers}
+            n_images = len(x)
         ensemble = ts.union({k: v.to(ts.device) for k, v in teacher_logits.items()}).cpu()
 
         metrics: dict[str, float] = {}
@@ -106,7 +129,7 @@ def evaluate(
         report = ts.doc["report"]
         results: dict[str, Any] = {
             "dataset": dataset,
-            "images": len(x),
+            "images": n_images,
             "metric": "top-1 accuracy" if task == "multiclass" else "mAP",
             "labels": labels,
             "teachers": {},

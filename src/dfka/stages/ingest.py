@@ -15,6 +15,7 @@ from dfka.amalgamation.run import teacher_set_from_bundles
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.bundles import MANIFEST_NAME, WEIGHTS_NAME, TeacherBundle, load_bundle
 from dfka.data import data_free
+from dfka.data.folder import is_folder_spec, open_folder
 from dfka.data.labels import check_dataset
 from dfka.errors import BundleError, CompatibilityError, ConfigError, DfkaError, LabelError
 from dfka.pipeline_config import (
@@ -210,7 +211,7 @@ def preflight(cfg: ExperimentConfig) -> CheckedInputs:
     """:func:`validate_inputs` on exactly the parameters the pipeline will get: what ``dfka pipeline
     run`` checks before any stage starts, so bad input fails in seconds with one clear line."""
     args = cfg.pipeline_arguments()
-    return validate_inputs(
+    checked = validate_inputs(
         args["teachers"],
         target_labels=args["target_labels"],
         amalgamation=args["amalgamation"],
@@ -218,6 +219,11 @@ def preflight(cfg: ExperimentConfig) -> CheckedInputs:
         samples=args["samples"],
         evaluation_dataset=args["evaluation_dataset"] or None,
     )
+    if checked.evaluation_dataset and is_folder_spec(checked.evaluation_dataset):
+        # a user's test set is checked whole here (outside every data-free stage), before any stage runs
+        ts = checked.teacher_set
+        open_folder(checked.evaluation_dataset, ts.target_labels, ts.input_shape, ts.task)
+    return checked
 
 
 #: The pixel range the generator produces and the TargetNet takes; teachers must take the same.
@@ -291,6 +297,8 @@ def check_method_fits(cfg: AmalgamationConfig, teachers: TeacherSet) -> None:
 
 
 def _evaluation_dataset(explicit: str | None, bundles: Sequence[Any]) -> str | None:
+    if explicit and is_folder_spec(explicit):
+        return explicit  # the user's own test set: opened by preflight and the evaluate stage, never here
     if explicit:
         return check_dataset(explicit)
     named = {b.manifest.training.get("dataset") for b in bundles}
