@@ -44,6 +44,7 @@ METHOD = {
     "gan": {"batch_size": 16, "budget": {"steps": 2}, "widths": 8},
     "export": {"samples": 64, "shard_size": 64},
     "blocks": {"batch_size": 16, "budget": {"steps": 3}},
+    "regroup": {"batch_size": 16},
 }
 
 
