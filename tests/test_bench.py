@@ -67,9 +67,15 @@ def digits(**changes) -> dict:
 # --- the YAML schema ----------------------------------------------------------------------------------
 
 
-def test_shipped_benchmarks_validate() -> None:
+@pytest.mark.skipif(not mnist_available(), reason="needs MNIST (dfka data fetch)")
+def test_shipped_benchmarks_validate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from dfka.data.rgb import make_rgb_folder
+
+    make_rgb_folder("mnist", tmp_path / "rgb-mnist-32", per_label=2, progress=False)  # rgb-digits' folder
+    monkeypatch.setenv("DFKA_DATA_DIR", str(tmp_path))
     names = {p.stem for p in available_benchmarks()}
     assert names >= {"digits", "fashion", "three-teachers", "cross-domain", "multilabel", "custom-subset"}
+    assert "rgb-digits" in names
     for path in available_benchmarks():
         cfg = load_benchmark(path)
         assert cfg.name == path.stem and cfg.seeds == [0, 1, 2] and set(cfg.methods) == set(METHODS)

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from dfka.amalgamation.config import AmalgamationConfig
+from dfka.data.labels import resolve_target_labels
 from dfka.errors import ConfigError, LabelError
 from dfka.pipeline_config import (
     DEMO_TEACHERS,
@@ -14,7 +15,6 @@ from dfka.pipeline_config import (
     config_hash,
     method_parameters,
     resolve_method_config,
-    resolve_target_labels,
 )
 from dfka.placement import DEFAULT_GPU_PLACEMENT
 

@@ -18,7 +18,6 @@ Pure data and plain Python: no kfp import (``pipelines/`` turns this into KFP ca
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
@@ -29,7 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from dfka import __version__
 from dfka.amalgamation.config import AmalgamationConfig
-from dfka.errors import ConfigError, LabelError, describe_validation
+from dfka.errors import ConfigError, describe_validation
 from dfka.placement import CpuPlacement, GpuPlacement
 from dfka.settings import CHECKPOINT_EVERY_ENV, DEFAULT_CHECKPOINT_EVERY, PIPELINE_CONFIGMAP, S3_SECRET
 
@@ -230,65 +229,6 @@ def resolve_method_config(
         raise ConfigError(
             f"the amalgamation config is invalid: {problems}", "fix the keys named above"
         ) from None
-
-
-def resolve_target_labels(spec: str | Sequence[str] | None, available: Sequence[str]) -> list[str] | None:
-    """Y_cst from names and ranges, matched against the teachers' labels; ``None``/empty = the union.
-
-    Plain names match the teachers' label names (case-insensitive); ``FIRST..LAST`` ranges expand over a
-    dataset's label order (``digit_0..digit_4``), see :func:`dfka.data.parse_labels`.
-    """
-    if spec is None:
-        return None
-    tokens = _as_list(spec)
-    if not tokens:
-        return None
-    by_lower = {label.lower(): label for label in available}
-    out: list[str] = []
-    for token in tokens:
-        if ".." in token:
-            out.extend(_expand_range(token, available))
-        elif token.lower() in by_lower:
-            out.append(by_lower[token.lower()])
-        else:
-            close = difflib.get_close_matches(token.lower(), list(by_lower), n=1, cutoff=0.6)
-            hint = f"did you mean {by_lower[close[0]]}? " if close else ""
-            raise LabelError(
-                f"target label {token!r} is not a label of any teacher",
-                f"{hint}choose from the teachers' labels: {', '.join(available)}",
-            )
-    dupes = [label for label in dict.fromkeys(out) if out.count(label) > 1]
-    if dupes:
-        raise LabelError(
-            f"target labels {', '.join(tokens)!r} name {', '.join(dupes)} more than once",
-            "list each label once (check overlapping ranges and differently-cased names)",
-        )
-    return out
-
-
-def _expand_range(token: str, available: Sequence[str]) -> list[str]:
-    """A built-in range (``digit_0..digit_4``) over its dataset's order; a range between two of the
-    teachers' own label names over the order the teachers list their labels in."""
-    from dfka.data import ALL_LABELS, parse_labels
-
-    first, _, last = (part.strip().lower() for part in token.partition(".."))
-    order = list(dict.fromkeys(available))
-    lowered = [label.lower() for label in order]
-    if first in ALL_LABELS and last in ALL_LABELS:
-        return parse_labels(token)
-    if first in lowered and last in lowered and ".." not in last:
-        i, j = lowered.index(first), lowered.index(last)
-        if i > j:
-            raise LabelError(
-                f"label range {token!r} is reversed ({order[i]} comes after {order[j]})",
-                f"write it as {order[j]}..{order[i]}",
-            )
-        return order[i : j + 1]
-    missing = [x for x in (first, last) if x not in lowered and x not in ALL_LABELS]
-    raise LabelError(
-        f"label range {token!r}: {', '.join(missing) or token} is not a label of any teacher",
-        f"write FIRST..LAST with two of the teachers' labels: {', '.join(order)}",
-    )
 
 
 def config_hash(document: Mapping[str, Any]) -> str:

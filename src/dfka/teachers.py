@@ -183,12 +183,14 @@ class ZooConfig(BaseModel):
 
 def recipe_for(teacher: ZooTeacher) -> TeacherRecipe:
     from dfka.data import parse_labels
+    from dfka.data.labels import is_folder_dataset
     from dfka.models import parse_arch
 
     arch = parse_arch(teacher.arch)
+    folder = teacher.dataset if is_folder_dataset(teacher.dataset) else None  # names: the folder's own
     return TeacherRecipe(
         dataset=teacher.dataset,
-        labels=parse_labels(teacher.labels),
+        labels=parse_labels(teacher.labels, folder),
         task=teacher.task,
         arch={k: v for k, v in arch.items()},
         epochs=teacher.epochs,

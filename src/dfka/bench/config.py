@@ -9,6 +9,7 @@ method names, unknown labels and impossible values are rejected with a message n
 
     description: MNIST 0-4 and 5-9, two LeNet-5 teachers, a 10-way student
     dataset: mnist                  # test split = evaluation; train split = kd-real/layerwise images
+                                    # (or a folder dataset: $DFKA_DATA_DIR/rgb-mnist-32, dfka.data.folder)
     teachers:                       # dfka.teachers.ZooTeacher entries
       - {name: mnist-0-4, dataset: mnist, labels: digit_0..digit_4, arch: lenet5, epochs: 3}
       - {name: mnist-5-9, dataset: mnist, labels: digit_5..digit_9, arch: lenet5, epochs: 3}
@@ -175,6 +176,7 @@ class BenchmarkConfig(BaseModel):
     def label_set(self) -> list[str]:
         """Y_cst in order: ``target_labels`` if given, else the union of the teachers' labels."""
         from dfka.data import parse_labels
+        from dfka.data.labels import is_folder_dataset
         from dfka.errors import LabelError
 
         union: list[str] = []
@@ -182,7 +184,7 @@ class BenchmarkConfig(BaseModel):
             union += [y for y in labels if y not in union]
         if self.target_labels is None:
             return union
-        chosen = parse_labels(self.target_labels)
+        chosen = parse_labels(self.target_labels, self.dataset if is_folder_dataset(self.dataset) else None)
         unknown = [y for y in chosen if y not in union]
         if unknown:
             raise LabelError(f"{unknown} are owned by no teacher", f"choose from {', '.join(union)}")

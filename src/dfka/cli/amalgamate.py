@@ -42,8 +42,8 @@ def _amalgamate(args: argparse.Namespace) -> int:
     from dfka.bundles import load_bundle
     from dfka.config_files import load_yaml
     from dfka.data.folder import is_folder_spec, open_folder
+    from dfka.data.labels import resolve_target_labels
     from dfka.errors import ConfigError, describe_validation
-    from dfka.pipeline_config import resolve_target_labels
     from dfka.runtime import ensure_writable_dir
 
     raw = load_yaml(args.config) if args.config else {}

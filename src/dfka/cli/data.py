@@ -30,6 +30,30 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     info.add_argument("--json", action="store_true", help="print JSON instead of tables")
     info.add_argument("--no-mosaic", action="store_true", help="skip the mosaic dataset (built on first use)")
     info.set_defaults(func=_info)
+    rgb = sub.add_parser(
+        "rgb",
+        help="write MNIST or Fashion-MNIST as a coloured RGB folder dataset (PNG, the user's format)",
+        description="Pad each image to SIZE x SIZE and colour it (one stroke and one background colour per "
+        "image, seeded), then write OUT/train/LABEL/N.png, OUT/test/LABEL/N.png and OUT/labels.txt: a "
+        "folder dataset for teachers, benchmarks (dataset: OUT) and --eval-dataset OUT/test.",
+    )
+    rgb.add_argument("source", choices=("mnist", "fashion"))
+    rgb.add_argument(
+        "--out", help="default: $DFKA_DATA_DIR/rgb-SOURCE-SIZE (what benchmarks/rgb-*.yaml read)"
+    )
+    rgb.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    rgb.add_argument("--seed", type=int, default=0, help="colour seed (default 0)")
+    rgb.add_argument("--per-label", type=int, help="only the first N images per label and split (tests)")
+    rgb.set_defaults(func=_rgb)
+    upload = sub.add_parser(
+        "upload",
+        help="copy a local folder (a test set, a folder dataset) to s3://BUCKET/PREFIX",
+        description="Copy every file under DIR to URI (s3://bucket/prefix, the local stack's credentials "
+        "from stack.env or the DFKA_S3_* / AWS_* environment), keeping the relative paths.",
+    )
+    upload.add_argument("dir")
+    upload.add_argument("uri")
+    upload.set_defaults(func=_upload)
 
 
 def _fetch(args: argparse.Namespace) -> int:
@@ -57,6 +81,38 @@ def _fetch(args: argparse.Namespace) -> int:
         print(
             f"Fashion-MNIST: {fashion.fashion_dir()} ({count} images, cached, {time.perf_counter() - start:.1f} s)"
         )
+    return 0
+
+
+def _rgb(args: argparse.Namespace) -> int:
+    from dfka.data.rgb import make_rgb_folder
+    from dfka.settings import data_dir
+
+    out = args.out or str(data_dir() / f"rgb-{args.source}-{args.size}")
+    start = time.perf_counter()
+    counts = make_rgb_folder(args.source, out, size=args.size, seed=args.seed, per_label=args.per_label)
+    print(
+        f"{args.source} as RGB {args.size}x{args.size}: {out} ({counts['train']} train / {counts['test']} "
+        f"test PNGs, {time.perf_counter() - start:.0f} s)"
+    )
+    print(f"  use it as a benchmark dataset (dataset: {out}) or as a test set (--eval-dataset {out}/test)")
+    return 0
+
+
+def _upload(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from dfka import storage
+
+    root = Path(args.dir)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder", "name the local folder to copy")
+    if not storage.is_s3(args.uri):
+        raise DataError(f"{args.uri} is not an s3:// URI", "e.g. s3://dfka/testsets/NAME")
+    files = [p for p in root.rglob("*") if p.is_file()]
+    start = time.perf_counter()
+    storage.put_dir(root, args.uri)
+    print(f"{len(files)} files -> {args.uri} ({time.perf_counter() - start:.0f} s)")
     return 0
 
 

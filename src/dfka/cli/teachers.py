@@ -15,7 +15,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     cmds = group.add_subparsers(dest="teachers_command", required=True, metavar="SUBCOMMAND")
 
     train = cmds.add_parser("train", help="train one teacher on a label subset and save its bundle")
-    train.add_argument("--dataset", required=True, help="mnist, fashion, mnist+fashion or mosaic")
+    train.add_argument(
+        "--dataset",
+        required=True,
+        help="mnist, fashion, mnist+fashion, mosaic, or a folder dataset (ROOT/train/LABEL/IMAGE.png, "
+        "ROOT/test/...; `dfka data rgb` makes one)",
+    )
     train.add_argument("--labels", required=True, help="label names, ranges allowed: digit_0..digit_4")
     train.add_argument("--task", default="multiclass", choices=["multiclass", "multilabel"])
     train.add_argument("--arch", default="lenet5", help="architecture spec, e.g. lenet5, lenet5:2, resnet:1")
@@ -86,12 +91,14 @@ def train_tracked(recipe, out: str, experiment: str, threads: int | None) -> dic
 
 def _train(args: argparse.Namespace) -> int:
     from dfka.data import parse_labels
+    from dfka.data.labels import check_dataset, is_folder_dataset
     from dfka.models import parse_arch
     from dfka.teachers import TeacherRecipe
 
+    folder = check_dataset(args.dataset) if is_folder_dataset(args.dataset) else None
     recipe = TeacherRecipe(
         dataset=args.dataset,
-        labels=parse_labels(args.labels),
+        labels=parse_labels(args.labels, folder),
         task=args.task,
         arch=parse_arch(args.arch),
         epochs=args.epochs,

@@ -7,7 +7,7 @@ can be written down without saying which dataset each label came from.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from dfka.errors import ConfigError, LabelError
 
@@ -39,17 +39,38 @@ DATASETS: tuple[str, ...] = tuple(DATASET_LABELS)
 RANGE_SEP = ".."
 
 
+def is_folder_dataset(dataset: str) -> bool:
+    """A path or ``s3://`` prefix (a folder dataset, :mod:`dfka.data.folder`) rather than a built-in name."""
+    from dfka.data.folder import is_folder_spec
+
+    return isinstance(dataset, str) and dataset not in DATASET_LABELS and is_folder_spec(dataset)
+
+
 def check_dataset(dataset: str) -> str:
-    """Return ``dataset`` if known, else raise a ConfigError that suggests the closest name."""
+    """Return ``dataset`` if known (or an existing folder dataset), else raise a ConfigError that suggests
+    the closest name."""
     if dataset in DATASET_LABELS:
+        return dataset
+    if is_folder_dataset(dataset):
+        from dfka.data.folder import dataset_labels
+
+        dataset_labels(dataset)  # exists, has train/ and test/, safe label names
         return dataset
     close = difflib.get_close_matches(str(dataset), DATASETS, n=2, cutoff=0.4)
     hint = f"did you mean {' or '.join(close)}? " if close else ""
-    raise ConfigError(f"unknown dataset {dataset!r}", f"{hint}valid datasets: {', '.join(DATASETS)}")
+    raise ConfigError(
+        f"unknown dataset {dataset!r}",
+        f"{hint}valid datasets: {', '.join(DATASETS)}, or a folder dataset (ROOT/train/LABEL/IMAGE.png, "
+        "ROOT/test/...)",
+    )
 
 
 def label_names(dataset: str) -> list[str]:
     """All label names of ``dataset``, in class-index order."""
+    if is_folder_dataset(dataset):
+        from dfka.data.folder import dataset_labels
+
+        return dataset_labels(dataset)
     return list(DATASET_LABELS[check_dataset(dataset)])
 
 
@@ -76,6 +97,10 @@ def parse_labels(spec: str | Sequence[str], dataset: str | None = None) -> list[
     only that dataset's labels are accepted.
     """
     valid = label_names(dataset) if dataset is not None else list(ALL_LABELS)
+    if dataset is not None and is_folder_dataset(dataset):  # the folder's own names and order
+        if isinstance(spec, str) and not spec.strip():
+            raise LabelError("the label set is empty", f"name at least one label, e.g. {valid[0]}")
+        return resolve_target_labels(spec, valid) or list(valid)
     items = [spec] if isinstance(spec, str) else list(spec)
     tokens: list[str] = []
     for item in items:
@@ -96,12 +121,14 @@ def parse_labels(spec: str | Sequence[str], dataset: str | None = None) -> list[
         raise LabelError(
             "the label set is empty", f"name at least one label, e.g. {valid[0]} or {valid[0]}..{valid[4]}"
         )
-    dupes = [name for name in dict.fromkeys(out) if out.count(name) > 1]
+    return _once(out, lambda dupes: f"duplicate labels in {','.join(tokens)!r}: {dupes}", "")
+
+
+def _once(out: list[str], problem: Callable[[str], str], also: str) -> list[str]:
+    """``out`` if no label is in it twice, else one LabelError naming the duplicates."""
+    dupes = [label for label in dict.fromkeys(out) if out.count(label) > 1]
     if dupes:
-        raise LabelError(
-            f"duplicate labels in {','.join(tokens)!r}: {', '.join(dupes)}",
-            "list each label once (check overlapping ranges)",
-        )
+        raise LabelError(problem(", ".join(dupes)), f"list each label once (check overlapping ranges{also})")
     return out
 
 
@@ -131,3 +158,59 @@ def _expand_range(token: str, valid: Sequence[str], dataset: str | None) -> list
             f"label range {token!r} is reversed ({lo} comes after {hi})", f"write it as {hi}..{lo}"
         )
     return list(order[i : j + 1])
+
+
+def resolve_target_labels(spec: str | Sequence[str] | None, available: Sequence[str]) -> list[str] | None:
+    """Y_cst from names and ranges, matched against the teachers' labels; ``None``/empty = the union.
+
+    Plain names match the teachers' label names (case-insensitive); ``FIRST..LAST`` ranges expand over a
+    dataset's label order (``digit_0..digit_4``, see :func:`parse_labels`), or over ``available``'s order.
+    """
+    if spec is None:
+        return None
+    items = [spec] if isinstance(spec, str) else list(spec)
+    tokens = [t.strip() for item in items for t in item.split(",") if t.strip()]
+    if not tokens:
+        return None
+    by_lower = {label.lower(): label for label in available}
+    out: list[str] = []
+    for token in tokens:
+        if ".." in token:
+            out.extend(_expand_teacher_range(token, available))
+        elif token.lower() in by_lower:
+            out.append(by_lower[token.lower()])
+        else:
+            close = difflib.get_close_matches(token.lower(), list(by_lower), n=1, cutoff=0.6)
+            hint = f"did you mean {by_lower[close[0]]}? " if close else ""
+            raise LabelError(
+                f"target label {token!r} is not a label of any teacher",
+                f"{hint}choose from the teachers' labels: {', '.join(available)}",
+            )
+    return _once(
+        out,
+        lambda dupes: f"target labels {', '.join(tokens)!r} name {dupes} more than once",
+        " and differently-cased names",
+    )
+
+
+def _expand_teacher_range(token: str, available: Sequence[str]) -> list[str]:
+    """A built-in range (``digit_0..digit_4``) over its dataset's order; a range between two of the
+    teachers' own label names over the order the teachers list their labels in."""
+    first, _, last = (part.strip().lower() for part in token.partition(".."))
+    order = list(dict.fromkeys(available))
+    lowered = [label.lower() for label in order]
+    if first in ALL_LABELS and last in ALL_LABELS:
+        return parse_labels(token)
+    if first in lowered and last in lowered and ".." not in last:
+        i, j = lowered.index(first), lowered.index(last)
+        if i > j:
+            raise LabelError(
+                f"label range {token!r} is reversed ({order[i]} comes after {order[j]})",
+                f"write it as {order[j]}..{order[i]}",
+            )
+        return order[i : j + 1]
+    missing = [x for x in (first, last) if x not in lowered and x not in ALL_LABELS]
+    raise LabelError(
+        f"label range {token!r}: {', '.join(missing) or token} is not a label of any teacher",
+        f"write FIRST..LAST with two of the teachers' labels: {', '.join(order)}",
+    )

@@ -14,7 +14,15 @@ import numpy as np
 
 from dfka.data import mosaic as _mosaic
 from dfka.data.fashion import fashion_arrays
-from dfka.data.labels import ALL_LABELS, LABEL_INDEX, check_dataset, label_names, parse_labels, source_of
+from dfka.data.labels import (
+    ALL_LABELS,
+    LABEL_INDEX,
+    check_dataset,
+    is_folder_dataset,
+    label_names,
+    parse_labels,
+    source_of,
+)
 from dfka.data.mnist import mnist_arrays
 from dfka.errors import ConfigError, LabelError
 
@@ -31,7 +39,7 @@ _SOURCES = {"mnist": (mnist_arrays, 0), "fashion": (fashion_arrays, 10)}  # load
 class ImageSet:
     """Images and targets of one split.
 
-    ``images`` is uint8 ``(N, 1, H, W)``. ``targets`` is int64 ``(N,)`` (index into ``label_names``) for
+    ``images`` is uint8 ``(N, C, H, W)`` (``C = 1`` for the built-in datasets). ``targets`` is int64 ``(N,)`` (index into ``label_names``) for
     ``multiclass`` and float32 ``(N, L)`` multi-hot for ``multilabel``.
     """
 
@@ -56,7 +64,7 @@ class ImageSet:
         return self.targets.sum(axis=0).astype(np.int64)
 
     def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(float32 images in [0, 1] of shape (N,1,H,W), targets)`` as torch tensors."""
+        """``(float32 images in [0, 1] of shape (N, C, H, W), targets)`` as torch tensors."""
         import torch  # lazy: importing dfka.data must stay cheap (CLI, KFP component start-up)
 
         images = torch.from_numpy(np.ascontiguousarray(self.images)).to(torch.float32).div_(255.0)
@@ -92,7 +100,8 @@ def load_split(
     seed: int | None = None,
     tiles: tuple[int, int] | None = None,
 ) -> ImageSet:
-    """Load ``split`` of ``dataset`` (``mnist``, ``fashion``, ``mnist+fashion`` or ``mosaic``).
+    """Load ``split`` of ``dataset`` (``mnist``, ``fashion``, ``mnist+fashion``, ``mosaic``, or a folder
+    dataset: ``ROOT/{train,test}/LABEL/IMAGE.png``, :mod:`dfka.data.folder`).
 
     ``labels`` (names or a spec like ``"digit_0..digit_4"``) selects and orders the labels: multiclass keeps
     only images of those classes and numbers them in the given order; multilabel on a single-label
@@ -104,6 +113,19 @@ def load_split(
     split = _check_split(split)
     task = _check_task(dataset, task)
     chosen = label_names(dataset) if labels is None else parse_labels(labels, dataset)
+
+    if is_folder_dataset(dataset):
+        if n is not None or seed is not None or tiles is not None:
+            raise ConfigError("n, seed and tiles only apply to the mosaic dataset", "drop them")
+        if task != "multiclass":
+            raise LabelError(
+                f"a folder dataset has one label per image, so it has no {task} targets",
+                "use task multiclass",
+            )
+        from dfka.data.folder import load_folder_split  # lazy: it reaches the object store
+
+        images, index = load_folder_split(dataset, split, chosen)
+        return ImageSet(images, index, chosen, task, dataset, split)
 
     if dataset == "mosaic":
         mosaics = _mosaic.build_mosaics(

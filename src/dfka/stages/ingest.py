@@ -16,13 +16,12 @@ from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.bundles import MANIFEST_NAME, WEIGHTS_NAME, TeacherBundle, load_bundle
 from dfka.data import data_free
 from dfka.data.folder import is_folder_spec, open_folder
-from dfka.data.labels import check_dataset
+from dfka.data.labels import check_dataset, resolve_target_labels
 from dfka.errors import BundleError, CompatibilityError, ConfigError, DfkaError, LabelError
 from dfka.pipeline_config import (
     ExperimentConfig,
     config_hash,
     resolve_method_config,
-    resolve_target_labels,
 )
 from dfka.stages import report as reports
 from dfka.stages._common import TEACHER_SET_FILE, TEACHER_SET_FORMAT, ensure_dir, finish
