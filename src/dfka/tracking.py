@@ -81,25 +81,30 @@ def apply_http_defaults() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", f"{max(1, round(network_timeout() / 2))}")
 
 
-def _client(uri: str) -> MlflowClient:
+def mlflow_client(uri: str) -> MlflowClient:
+    """An MLflow client for ``uri`` with dfka's HTTP retry and timeout defaults."""
     apply_http_defaults()
     from mlflow.tracking import MlflowClient
 
     return MlflowClient(tracking_uri=uri)
 
 
+def experiment_id(client: MlflowClient, name: str) -> str:
+    """The id of experiment ``name``, created if missing (safe against a concurrent creator)."""
+    from mlflow.exceptions import MlflowException
+
+    exp = client.get_experiment_by_name(name)
+    if exp is not None:
+        return exp.experiment_id
+    try:
+        return client.create_experiment(name)
+    except MlflowException:  # created concurrently by another process
+        return client.get_experiment_by_name(name).experiment_id
+
+
 def _experiment_id(client: MlflowClient, uri: str, name: str) -> str:
     if (uri, name) not in _experiment_ids:
-        from mlflow.exceptions import MlflowException
-
-        exp = client.get_experiment_by_name(name)
-        if exp is not None:
-            _experiment_ids[uri, name] = exp.experiment_id
-        else:
-            try:
-                _experiment_ids[uri, name] = client.create_experiment(name)
-            except MlflowException:  # created concurrently by another process
-                _experiment_ids[uri, name] = client.get_experiment_by_name(name).experiment_id
+        _experiment_ids[uri, name] = experiment_id(client, name)
     return _experiment_ids[uri, name]
 
 
@@ -189,7 +194,7 @@ class Tracker:
             tracker._go_offline(f"the MLflow server at {uri} is unreachable ({reason})")
         else:
             try:
-                tracker._client = parent._client if parent and parent._client else _client(uri)
+                tracker._client = parent._client if parent and parent._client else mlflow_client(uri)
                 tracker._experiment_id = _experiment_id(tracker._client, uri, experiment)
                 if parent is not None:
                     all_tags["mlflow.parentRunId"] = parent.run_id or ""
@@ -475,7 +480,7 @@ def sync_offline(
         raise StackError(
             f"the MLflow server at {uri} is unreachable ({reason})", "is it up? `dfka stack status`"
         )
-    client = _client(uri)
+    client = mlflow_client(uri)
     root = _offline_root(home)
     server_ids = dict(_synced_ids(root))
     todo = pending_offline(home)

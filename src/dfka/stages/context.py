@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from dfka import storage
 from dfka.settings import GIT_COMMIT_ENV, RUN_ID_ENV, default_bucket, redact
-from dfka.tracking import Tracker, apply_http_defaults, clean_params, probe
+from dfka.tracking import Tracker, clean_params, experiment_id, mlflow_client, probe
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -241,22 +241,7 @@ def _client(uri: str) -> MlflowClient | None:
     if (reason := probe(uri)) is not None:
         log.warning("MLflow at %s is unreachable (%s): stage runs are recorded offline", uri, reason)
         return None
-    apply_http_defaults()
-    from mlflow.tracking import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def experiment_id(client: MlflowClient, name: str) -> str:
-    from mlflow.exceptions import MlflowException
-
-    exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name)
-    except MlflowException:  # created concurrently
-        return client.get_experiment_by_name(name).experiment_id
+    return mlflow_client(uri)
 
 
 def find_parent(client: MlflowClient, experiment: str, run_id: str) -> str | None:

@@ -25,8 +25,9 @@ from dfka.evaluation import confusion_matrix, mean_average_precision, score
 from dfka.models import count_flops, count_params
 from dfka.stages import report as reports
 from dfka.stages._common import ensure_dir, finish, load_teacher_set, samples_location, scratch
-from dfka.stages.context import RunContext, experiment_id, run_url
+from dfka.stages.context import RunContext, run_url
 from dfka.stages.training import GRID_FILE, _grid, _restore_routing
+from dfka.tracking import experiment_id
 
 STAGE = "evaluate"
 RESULTS_JSON = "results.json"
