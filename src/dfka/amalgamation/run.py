@@ -156,7 +156,18 @@ def sample_bank(
         if missing > 0:
             sampler = Sampler(gan, seed=cfg.seed + 1, batch_size=512, device=device)
             dtype = torch.float16 if cfg.export.dtype == "float16" else torch.float32
-            parts.append(SampleBank.generate(sampler, missing, dtype=dtype, progress=progress))
+            # under a time cap, at least enough for one batch of stages 2 and 3 with the trajectory's
+            at_least = max(1, max(cfg.blocks.batch_size, cfg.regroup.batch_size) - kept)
+            top_up = SampleBank.generate(
+                sampler,
+                missing,
+                dtype=dtype,
+                progress=progress,
+                seconds=cfg.export_seconds(),
+                at_least=at_least,
+            )
+            missing = len(top_up)
+            parts.append(top_up)
         bank = SampleBank.concat(parts)
     seconds = time.perf_counter() - start
     # samples = what this stage generated (its throughput); the bank also holds the trajectory's

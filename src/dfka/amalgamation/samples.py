@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,14 +90,23 @@ class SampleBank:
 
     @classmethod
     def generate(
-        cls, sampler: Sampler, n: int, dtype: torch.dtype = torch.float16, progress: bool = True
+        cls,
+        sampler: Sampler,
+        n: int,
+        dtype: torch.dtype = torch.float16,
+        progress: bool = True,
+        *,
+        seconds: float | None = None,
+        at_least: int = 1,
     ) -> SampleBank:
+        """``n`` samples, or as many as ``seconds`` allow (but at least ``at_least``)."""
         parts: dict[str, list[torch.Tensor]] = {}
         names: list[str] = []
         levels: list[int] = []
         done = 0
+        deadline = None if seconds is None else time.perf_counter() + seconds
         with tqdm(total=n, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
-            while done < n:
+            while done < n and (deadline is None or done < at_least or time.perf_counter() < deadline):
                 batch = sampler.sample(min(sampler.batch_size, n - done))
                 names, levels = list(batch.logits), sorted(batch.features)
                 for key, value in _flatten(batch).items():
