@@ -123,3 +123,23 @@ def test_a_loss_that_turns_nan_stops_the_loop_naming_the_step_and_the_intact_che
         )
     assert saved == [10, 20, 30]  # nothing written after the NaN
     assert "step 30 of this loop is intact" in err.value.problem and "resumes" in err.value.fix
+
+
+def test_a_log_file_gets_no_progress_bar_redraws(tmp_path) -> None:
+    """Written to a file (kfp.local, CI, ``> log``), tqdm's carriage-return redraws would pile up into
+    one line of many KB: with stderr not a terminal, the loop draws no bar at all."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from dfka.amalgamation.config import Budget\n"
+        "from dfka.amalgamation.engine import run_loop\n"
+        "run_loop(lambda i, n: {'loss': torch.tensor(1.0)}, Budget(steps=300), desc='toy', prefix='t',"
+        " progress=True, log_every=10)\n"
+    )
+    log = tmp_path / "stderr.log"
+    with log.open("w") as err:
+        subprocess.run([sys.executable, "-c", script], stderr=err, check=True, timeout=120)
+    text = log.read_text()
+    assert "\r" not in text and "toy" not in text, text[:500]

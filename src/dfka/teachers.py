@@ -18,7 +18,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from tqdm.auto import tqdm
 
 from dfka.bundles import SAFE_NAME, Task, TeacherManifest, save_bundle
 from dfka.config_files import load_yaml
@@ -26,6 +25,7 @@ from dfka.data import load_split
 from dfka.errors import ConfigError, DfkaError, describe_validation
 from dfka.evaluation import predict, score
 from dfka.models import build_model, count_flops, count_params
+from dfka.progress import bar as progress_bar
 from dfka.runtime import seed_everything, set_threads
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,8 @@ def train_teacher(
     for epoch in range(recipe.epochs):
         model.train()
         order = torch.randperm(len(x_train), generator=generator)
-        bar = tqdm(
-            range(steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{recipe.epochs}", disable=not progress
+        bar = progress_bar(
+            range(steps_per_epoch), desc=f"{name} epoch {epoch + 1}/{recipe.epochs}", progress=progress
         )
         running = torch.zeros(())
         for i in bar:

@@ -14,7 +14,6 @@ A step function takes ``(step, total_steps)`` and returns a dict with ``loss`` a
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +25,7 @@ from tqdm.auto import tqdm
 from dfka.amalgamation.config import Budget
 from dfka.amalgamation.probe import active_probe
 from dfka.errors import TrainingDiverged
+from dfka.progress import bar as progress_bar
 
 StepFn = Callable[[int, int], dict[str, torch.Tensor]]
 MetricsCallback = Callable[[dict[str, float], int], None]
@@ -80,14 +80,14 @@ def run_loop(
     sums: dict[str, torch.Tensor] = {}
     count = 0
     last: dict[str, float] = {}
-    bar = tqdm(
+    bar = progress_bar(
         total=None if by_time else total,
         initial=start_step,
         desc=desc,
-        disable=not progress,
+        progress=progress,
         leave=False,
         unit="step",
-        mininterval=0.5 if sys.stderr.isatty() else 30.0,  # logs, not a terminal: a line every 30 s
+        mininterval=0.5,
     )
     step = start_step
     # the first step whose loss was not finite, kept on the device (no per-step sync); read at every

@@ -26,7 +26,6 @@ from typing import Any
 import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
-from tqdm.auto import tqdm
 
 from dfka.amalgamation import fast
 from dfka.amalgamation.batch import SampleBatch
@@ -34,6 +33,7 @@ from dfka.amalgamation.stage1 import AmalgamatingGAN
 from dfka.bundles import sha256_file
 from dfka.errors import ConfigError, StorageError
 from dfka.models import frozen_bn_stats
+from dfka.progress import bar as progress_bar
 
 SAMPLES_MANIFEST = "samples.json"
 SAMPLES_FORMAT = "dfka.samples/v1"
@@ -105,7 +105,7 @@ class SampleBank:
         levels: list[int] = []
         done = 0
         deadline = None if seconds is None else time.perf_counter() + seconds
-        with tqdm(total=n, desc="sampling", unit="img", disable=not progress, leave=False) as bar:
+        with progress_bar(total=n, desc="sampling", unit="img", progress=progress, leave=False) as bar:
             while done < n and (deadline is None or done < at_least or time.perf_counter() < deadline):
                 batch = sampler.sample(min(sampler.batch_size, n - done))
                 names, levels = list(batch.logits), sorted(batch.features)
@@ -281,7 +281,9 @@ def export_bank(
     with tempfile.TemporaryDirectory(prefix="dfka-samples-") as tmp:
         n = len(bank)
         starts = list(range(0, n, shard_size))
-        for i, start in enumerate(tqdm(starts, desc="exporting shards", disable=not progress, leave=False)):
+        for i, start in enumerate(
+            progress_bar(starts, desc="exporting shards", progress=progress, leave=False)
+        ):
             name = f"shard-{i:05d}.safetensors"
             path = Path(tmp) / name
             save_file(

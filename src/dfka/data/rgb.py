@@ -20,10 +20,10 @@ import io
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from dfka.data.folder import LABELS_FILE
 from dfka.errors import ConfigError
+from dfka.progress import bar as progress_bar
 
 SOURCES = ("mnist", "fashion")
 
@@ -77,7 +77,7 @@ def make_rgb_folder(
         rgb = colourise(part.images[keep, 0], rng, size)
         for label in labels:
             (root / split / label).mkdir(parents=True, exist_ok=True)
-        bar = tqdm(zip(keep, rgb), total=len(keep), desc=f"{source} {split}", disable=not progress)
+        bar = progress_bar(zip(keep, rgb), total=len(keep), desc=f"{source} {split}", progress=progress)
         for index, image in bar:
             buf = io.BytesIO()
             Image.fromarray(image, "RGB").save(buf, format="PNG")
