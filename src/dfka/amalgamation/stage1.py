@@ -185,7 +185,7 @@ class AmalgamatingGAN(nn.Module):
             parts["bn"] = self.bn_stats.term(self.teachers, logits) if self.bn_stats is not None else zero
 
         blocks = self.teachers.num_blocks
-        if blocks > 1:
+        if blocks > 1 and self.cfg.loss.consistency > 0:  # at weight 0, skip the teachers' partial passes
             target = scores.detach()
             cons = []
             for j in range(1, blocks):
