@@ -3,6 +3,8 @@ a loss that turns NaN stopping the loop before anything diverged is checkpointed
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import time
 
 import pytest
@@ -128,9 +130,6 @@ def test_a_loss_that_turns_nan_stops_the_loop_naming_the_step_and_the_intact_che
 def test_a_log_file_gets_no_progress_bar_redraws(tmp_path) -> None:
     """Written to a file (kfp.local, CI, ``> log``), tqdm's carriage-return redraws would pile up into
     one line of many KB: with stderr not a terminal, the loop draws no bar at all."""
-    import subprocess
-    import sys
-
     script = (
         "import torch\n"
         "from dfka.amalgamation.config import Budget\n"
