@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfka.amalgamation.config import EXPORT_SHARE, AmalgamationConfig, GanLoss
+from dfka.amalgamation.config import EXPORT_SHARE, AmalgamationConfig, Budget, GanLoss
 from dfka.amalgamation.losses import total_variation
 from dfka.amalgamation.regroup import TargetNet
 from dfka.amalgamation.run import amalgamate, build_student, remaining_budget, teacher_set_from_bundles
@@ -374,7 +374,7 @@ def test_gan_loss_sums_in_a_fixed_order() -> None:
 
 def test_total_budget_covers_the_export() -> None:
     """Stages 2 and 3 get what stage 1 and the export left of ``budget_minutes``, in their split ratio."""
-    cfg = AmalgamationConfig(budget_minutes=10)  # split 40/30/30: 240 s, 180 s, 180 s
+    cfg = AmalgamationConfig(budget_minutes=10, budget_split={"gan": 0.4, "blocks": 0.3, "finetune": 0.3})
     assert cfg.blocks.budget.seconds == pytest.approx(180) and cfg.regroup.finetune.seconds == pytest.approx(
         180
     )
@@ -382,11 +382,37 @@ def test_total_budget_covers_the_export() -> None:
     assert after.blocks.budget.seconds == pytest.approx(150)
     assert after.regroup.finetune.seconds == pytest.approx(150)
     assert cfg.blocks.budget.seconds == pytest.approx(180)  # the caller's config is left alone
-    no_ft = AmalgamationConfig(budget_minutes=10, regroup={"finetune": None})
-    assert remaining_budget(no_ft, spent=300).blocks.budget.seconds == pytest.approx(300)
-    assert remaining_budget(no_ft, spent=900).blocks.budget.seconds == pytest.approx(1.0)
+    for no_ft in (
+        AmalgamationConfig(budget_minutes=10, regroup={"finetune": None}),
+        AmalgamationConfig(budget_minutes=10, preset="paper"),  # the default split has no stage-2 share
+    ):
+        assert no_ft.blocks.budget.seconds == pytest.approx(360)  # the fine-tune's 60% goes to stage 2
+        assert remaining_budget(no_ft, spent=300).blocks.budget.seconds == pytest.approx(300)
+        assert remaining_budget(no_ft, spent=900).blocks.budget.seconds == pytest.approx(1.0)
     steps = tiny_config()
     assert remaining_budget(steps, spent=1e6) == steps  # step budgets are not time budgets
+
+
+def test_the_default_split_gives_stage_2_no_time_and_drops_the_consistency_term_it_serves() -> None:
+    """40/0/60: the fine-tune gets stage 2's time; Eq. 11 (which only shapes the intermediate features
+    stage 2 reads) is off unless the user sets it, and on wherever stage 2 trains."""
+    cfg = AmalgamationConfig(budget_minutes=10)
+    assert cfg.stage_shares() == pytest.approx({"gan": 0.4, "blocks": 0.0, "finetune": 0.6})
+    assert cfg.gan.budget.seconds == pytest.approx(240)
+    assert cfg.regroup.finetune.seconds == pytest.approx(360)
+    assert cfg.blocks.budget == Budget(steps=1)  # runs and reports, and takes no time
+    assert cfg.gan.loss.consistency == 0.0
+    after = remaining_budget(cfg, spent=240 + 60)
+    assert after.blocks.budget == Budget(steps=1)
+    assert after.regroup.finetune.seconds == pytest.approx(300)
+    asked = AmalgamationConfig(budget_minutes=10, gan={"loss": {"consistency": 0.5}})
+    assert asked.gan.loss.consistency == 0.5  # the user's own weight is kept
+    assert AmalgamationConfig(budget_minutes=10, preset="paper").gan.loss.consistency == 1.0
+    with_blocks = AmalgamationConfig(budget_minutes=10, budget_split={"gan": 4, "blocks": 3, "finetune": 3})
+    assert with_blocks.gan.loss.consistency == 1.0
+    assert AmalgamationConfig().gan.loss.consistency == 1.0  # step budgets train stage 2 its steps
+    again = AmalgamationConfig.model_validate(cfg.model_dump())  # as a pipeline stage re-reads it
+    assert again.gan.loss.consistency == 0.0 and again.stage_shares() == cfg.stage_shares()
 
 
 def test_amalgamate_ends_within_its_wall_clock_budget(pair) -> None:

@@ -373,14 +373,14 @@ def remaining_budget(cfg: AmalgamationConfig, spent: float) -> AmalgamationConfi
     if cfg.budget_minutes is None:
         return cfg
     left = max(0.0, 60 * cfg.budget_minutes - spent)
-    shares = {"blocks": cfg.budget_split.get("blocks", 0.0)}
-    if cfg.regroup.finetune is not None:
-        shares["finetune"] = cfg.budget_split.get("finetune", 0.0)
-    total = sum(shares.values()) or 1.0
+    shares = cfg.stage_shares()
+    total = (shares["blocks"] + shares["finetune"]) or 1.0
     out = cfg.model_copy(deep=True)
-    # at least one second each, so that every stage still runs (and reports) when the budget is gone
-    out.blocks.budget = Budget(seconds=max(1.0, left * shares["blocks"] / total))
-    if "finetune" in shares:
+    # at least one second each, so that every stage still runs (and reports) when the budget is gone;
+    # a stage with no share runs one step
+    blocks = shares["blocks"] / total
+    out.blocks.budget = Budget(seconds=max(1.0, left * blocks)) if blocks > 0 else Budget(steps=1)
+    if cfg.regroup.finetune is not None:
         out.regroup.finetune = Budget(seconds=max(1.0, left * shares["finetune"] / total))
     return out
 
