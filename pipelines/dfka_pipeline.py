@@ -135,7 +135,12 @@ def gpu_stage(s: PipelineSettings, task: PipelineTask) -> PipelineTask:
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
     for tol in gpu.tolerations:
         kubernetes.add_toleration(
-            task, key=tol.key, operator=tol.operator, value=tol.value, effect=tol.effect
+            # an empty key or effect is Kubernetes' wildcard: leave the field out
+            task,
+            key=tol.key or None,
+            operator=tol.operator,
+            value=tol.value,
+            effect=tol.effect or None,
         )
     # a retried attempt resumes from the stage's last checkpoint (s3://<bucket>/runs/<run-id>/<stage>/checkpoints)
     task.set_env_variable(CHECKPOINT_EVERY_ENV, str(s.checkpoint_every))

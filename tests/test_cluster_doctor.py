@@ -44,6 +44,7 @@ from dfka.cluster import (
     check_server_version,
     mlflow_tracking_uri,
     node_fit,
+    parse_quantity_int,
     parse_toleration,
     placement_from_options,
     tolerates,
@@ -187,6 +188,23 @@ def test_toleration_semantics() -> None:
     assert not tolerates(exists, V1Taint(key="other", effect="NoSchedule"))
     fit = node_fit(make_node("n", POOL_LABELS, [GPU_TAINT]))
     assert fit.fits and fit.gpus == 1 and not fit.missing_taints
+    # Kubernetes' wildcards: a key-less Exists matches every key, an empty effect every effect
+    everything = Toleration(key="", operator="Exists", effect="")
+    any_key = Toleration(key="", operator="Exists", effect="NoExecute")
+    any_effect = Toleration(key=GPU_RESOURCE, operator="Exists", effect="")
+    odd = V1Taint(key="team", value="ml", effect="NoExecute")
+    assert tolerates(everything, GPU_TAINT) and tolerates(everything, odd)
+    assert tolerates(any_key, odd) and not tolerates(any_key, GPU_TAINT)
+    assert tolerates(any_effect, GPU_TAINT) and not tolerates(any_effect, odd)
+    with pytest.raises(ValueError, match="operator Exists"):
+        Toleration(key="", operator="Equal", value="x")
+    wild = placement_from_options(None, ["*"])
+    fit = node_fit(make_node("n", POOL_LABELS, [GPU_TAINT, odd]), wild)
+    assert fit.fits and not fit.untolerated and not fit.missing_taints  # a wildcard reserves no pool
+
+
+def test_gpu_quantities_are_read_as_kubernetes_quantities() -> None:
+    assert [parse_quantity_int(v) for v in ("4", 4, "1k", "2Ki", "x", None)] == [4, 4, 1000, 2048, 0, 0]
 
 
 def test_option_parsing() -> None:
@@ -194,7 +212,9 @@ def test_option_parsing() -> None:
     assert parse_toleration("sku=gpu:NoExecute") == Toleration(
         key="sku", operator="Equal", value="gpu", effect="NoExecute"
     )
-    for bad in ("nvidia.com/gpu", "x:NoSchedul", ":NoSchedule"):
+    assert parse_toleration(":NoExecute") == Toleration(key="", operator="Exists", effect="NoExecute")
+    assert parse_toleration("*") == Toleration(key="", operator="Exists", effect="")
+    for bad in ("nvidia.com/gpu", "x:NoSchedul", "=gpu:NoSchedule", "*:"):
         with pytest.raises(ConfigError):
             parse_toleration(bad)
     with pytest.raises(ConfigError):

@@ -27,7 +27,7 @@ from dfka.pipeline_config import (
     STAGES,
     ExperimentConfig,
 )
-from dfka.placement import DEFAULT_CPU_PLACEMENT, DEFAULT_GPU_PLACEMENT
+from dfka.placement import DEFAULT_CPU_PLACEMENT, DEFAULT_GPU_PLACEMENT, Toleration
 from dfka.settings import PIPELINE_CONFIG_KEYS, PIPELINE_CONFIGMAP, S3_SECRET, S3_SECRET_TO_ENV
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -180,6 +180,23 @@ def test_config_overrides_placement_and_parameter_defaults(tmp_path: Path) -> No
     assert params["experiment"]["defaultValue"] == "dfka-mnist"
     assert params["target_labels"]["defaultValue"] == "digit_0..digit_9"
     assert params["amalgamation"]["defaultValue"]["gan"]["budget"]["steps"] == 4000
+
+
+def test_wildcard_tolerations_compile_as_kubernetes_reads_them(tmp_path: Path) -> None:
+    """A key-less Exists (every taint) and an effect-less one leave those fields out of the pod spec,
+    which is how Kubernetes spells its wildcards."""
+    cfg = ExperimentConfig.load(ROOT / "configs" / "cluster-example.yaml")
+    cfg.pipeline.gpu = cfg.pipeline.gpu.model_copy(
+        update={
+            "tolerations": (
+                Toleration(key="", operator="Exists", effect=""),
+                Toleration(key="nvidia.com/gpu", operator="Exists", effect=""),
+            )
+        }
+    )
+    spec, platform = load(compile_to(tmp_path / "x.yaml", cfg))
+    tolerations = platform[executor_of(spec, "train-amalgamating-gan")]["tolerations"]
+    assert tolerations == [{"operator": "Exists"}, {"key": "nvidia.com/gpu", "operator": "Exists"}]
 
 
 def test_dfka_never_imports_kfp() -> None:

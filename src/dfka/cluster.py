@@ -86,8 +86,11 @@ class CheckResult:
 
 
 def tolerates(toleration: Toleration, taint: V1Taint) -> bool:
-    """Kubernetes' rule: same key and effect, and (operator Exists, or Equal with the same value)."""
-    if toleration.key != taint.key or toleration.effect != taint.effect:
+    """Kubernetes' rule (``Toleration.ToleratesTaint``): the effect matches or is empty, the key matches
+    or is empty (the key-less ``Exists`` wildcard), and operator Exists, or Equal with the same value."""
+    if toleration.effect and toleration.effect != taint.effect:
+        return False
+    if toleration.key and toleration.key != taint.key:
         return False
     if toleration.operator == "Exists":
         return True
@@ -99,14 +102,20 @@ def taint_text(key: str, value: str | None, effect: str) -> str:
 
 
 def toleration_as_taint(toleration: Toleration) -> str:
-    """The taint to put on a pool so that this toleration is needed (``present`` for Exists)."""
-    return taint_text(toleration.key, toleration.value or "present", toleration.effect)
+    """The taint to put on a pool so that this toleration is needed (``present`` for Exists); a
+    key-less toleration asks for none (it tolerates whatever the pool carries)."""
+    if not toleration.key:
+        return f"any taint{':' + toleration.effect if toleration.effect else ''} (key-less Exists)"
+    return taint_text(toleration.key, toleration.value or "present", toleration.effect or "NoSchedule")
 
 
 def parse_quantity_int(value: Any) -> int:
-    """An extended-resource quantity ("4", 4) as an int; unparseable values count as 0."""
+    """An extended-resource quantity ("4", 4, "1k") as a whole count, by the client's own Kubernetes
+    quantity parser; unparseable values count as 0 (a node that advertises nothing usable)."""
+    from kubernetes.utils import parse_quantity
+
     try:
-        return int(str(value))
+        return int(parse_quantity(value))
     except (TypeError, ValueError):
         return 0
 
@@ -162,7 +171,7 @@ def node_fit(node: V1Node, placement: GpuPlacement = DEFAULT_GPU_PLACEMENT) -> N
     missing = tuple(
         toleration_as_taint(tol)
         for tol in placement.tolerations
-        if not any(tolerates(tol, t) for t in taints)
+        if tol.key and not any(tolerates(tol, t) for t in taints)  # a wildcard reserves nothing
     )
     allocatable = (node.status.allocatable if node.status else None) or {}
     conditions = (node.status.conditions if node.status else None) or []
@@ -472,12 +481,16 @@ def parse_node_selector(items: Sequence[str]) -> dict[str, str]:
 
 
 def parse_toleration(text: str) -> Toleration:
-    """``key[=value]:Effect`` -> a Toleration (Exists without a value, Equal with one)."""
+    """``key[=value]:Effect`` -> a Toleration (Exists without a value, Equal with one); ``:Effect``
+    tolerates every key with that effect and ``*`` every taint (Kubernetes' key-less Exists)."""
+    if text == "*":
+        return Toleration(key="", operator="Exists", effect="")
     head, sep, effect = text.rpartition(":")
-    if not sep or not head or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
+    if not sep or head.startswith("=") or effect not in ("NoSchedule", "PreferNoSchedule", "NoExecute"):
         raise ConfigError(
             f"bad --toleration {text!r}",
-            "use KEY[=VALUE]:EFFECT with EFFECT NoSchedule, PreferNoSchedule or NoExecute, e.g. nvidia.com/gpu:NoSchedule",
+            "use KEY[=VALUE]:EFFECT with EFFECT NoSchedule, PreferNoSchedule or NoExecute, e.g. "
+            "nvidia.com/gpu:NoSchedule (:EFFECT for every key, * for every taint)",
         )
     key, eq, value = head.partition("=")
     if eq:

@@ -7,7 +7,7 @@ a live cluster against them. Pure data: no kfp, no kubernetes imports.
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 #: Node label that marks a GPU pool. Cloud-native labels work too: pass them as the node selector.
 GPU_POOL_LABEL_KEY = "dfka.io/node-pool"
@@ -17,12 +17,21 @@ GPU_RESOURCE = "nvidia.com/gpu"
 
 
 class Toleration(BaseModel):
+    """A pod toleration, as Kubernetes reads it: an empty ``key`` (operator Exists only) matches every
+    taint key, an empty ``effect`` every effect; a key-less, effect-less Exists tolerates everything."""
+
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    key: str
+    key: str = ""
     operator: str = Field(default="Exists", pattern="^(Exists|Equal)$")
     value: str | None = None
-    effect: str = Field(default="NoSchedule", pattern="^(NoSchedule|PreferNoSchedule|NoExecute)$")
+    effect: str = Field(default="NoSchedule", pattern="^(|NoSchedule|PreferNoSchedule|NoExecute)$")
+
+    @model_validator(mode="after")
+    def _keyless_is_exists(self) -> Toleration:
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without a key must use operator Exists (it matches every key)")
+        return self
 
 
 class GpuPlacement(BaseModel):

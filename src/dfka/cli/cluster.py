@@ -70,7 +70,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--toleration",
         action="append",
         metavar="KEY[=VALUE]:EFFECT",
-        help=f"toleration of the GPU stages; repeat for several; replaces the default {tolerations}",
+        help=f"toleration of the GPU stages; repeat for several; replaces the default {tolerations}; "
+        "':EFFECT' tolerates every key with that effect, '*' every taint (Kubernetes' key-less Exists)",
     )
     doctor.add_argument("--no-tolerations", action="store_true", help="the GPU pool is not tainted")
     doctor.add_argument(
