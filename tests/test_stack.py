@@ -226,3 +226,23 @@ def test_up_from_another_home_names_the_running_dfka_stack(stack, tmp_path, monk
     assert f"served by a dfka stack of DFKA_HOME={stack.home}" in err.value.problem
     assert f"export DFKA_HOME={stack.home}" in err.value.fix and "dfka stack down" in err.value.fix
     assert not (tmp_path / "other-home" / "stack" / "weed.pid").exists()
+
+
+def test_env_files_are_read_as_dotenv_without_expansion(tmp_path: Path) -> None:
+    from dfka.settings import read_env_file
+
+    path = tmp_path / "stack.env"
+    path.write_text(
+        "# written by dfka stack up\n"
+        "export AWS_ACCESS_KEY_ID=dfka\n"
+        "AWS_SECRET_ACCESS_KEY='pa$$word#1'\n"
+        'MLFLOW_TRACKING_URI="http://127.0.0.1:5000"  # local\n'
+        "EMPTY=\n"
+        "NO_VALUE\n"
+    )
+    assert read_env_file(path) == {
+        "AWS_ACCESS_KEY_ID": "dfka",
+        "AWS_SECRET_ACCESS_KEY": "pa$$word#1",
+        "MLFLOW_TRACKING_URI": "http://127.0.0.1:5000",
+        "EMPTY": "",
+    }

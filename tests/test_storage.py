@@ -63,6 +63,20 @@ def test_bytes_roundtrip_exists_list_remove(prefix):
 
 
 @pytest.mark.integration
+def test_remove_takes_a_prefix_past_one_delete_batch_and_nothing_beside_it(prefix):
+    """1,001 objects: more than one DeleteObjects request (1,000 keys each); a sibling whose name only
+    starts like the folder stays."""
+    folder = storage.join(prefix, "run")
+    for i in range(1001):
+        storage.put_bytes(b"x", storage.join(folder, f"{i:04d}.bin"))
+    storage.put_bytes(b"keep", storage.join(prefix, "run2", "k.bin"))
+    storage.put_bytes(b"keep", storage.join(prefix, "run.bin"))
+    storage.remove(folder)
+    assert storage.listdir(prefix) == ["run.bin", "run2/k.bin"]
+    storage.remove(storage.join(prefix, "gone"))  # a missing target is not an error
+
+
+@pytest.mark.integration
 def test_dir_roundtrip(prefix, tmp_path):
     src = tmp_path / "src"
     (src / "sub" / "deeper").mkdir(parents=True)

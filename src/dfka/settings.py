@@ -133,17 +133,11 @@ def stack_env_file() -> Path:
 
 
 def read_env_file(path: Path) -> dict[str, str]:
-    """Parse a ``KEY=VALUE`` file (``#`` comments, optional ``export`` prefix, no shell expansion)."""
-    values: dict[str, str] = {}
-    for line in path.read_text().splitlines():
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        line = line.removeprefix("export ").strip()
-        key, sep, value = line.partition("=")
-        if sep:
-            values[key.strip()] = value.strip().strip("'\"")
-    return values
+    """A ``KEY=VALUE`` file as python-dotenv reads it (``#`` comments, ``export`` prefix, quotes), with
+    no ``${VAR}`` expansion: a secret that holds a ``$`` stays as written. Keys without a value are left out."""
+    from dotenv import dotenv_values
+
+    return {k: v for k, v in dotenv_values(path, interpolate=False).items() if v is not None}
 
 
 def load_stack_env(path: Path | None = None) -> dict[str, str]:

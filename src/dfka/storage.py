@@ -26,6 +26,7 @@ from urllib.parse import urlparse
 
 import urllib3
 from minio import Minio
+from minio.deleteobjects import DeleteObject
 from minio.error import InvalidResponseError, S3Error, ServerError
 
 from dfka.errors import StorageError
@@ -410,9 +411,19 @@ def remove(uri: str | os.PathLike[str]) -> None:
     def delete() -> None:
         if not t.client.bucket_exists(t.bucket):
             return
-        t.client.remove_object(t.bucket, t.key)
-        for obj in t.client.list_objects(t.bucket, prefix=prefix, recursive=True):
-            t.client.remove_object(t.bucket, obj.object_name)
+        names = [
+            t.key,
+            *(o.object_name for o in t.client.list_objects(t.bucket, prefix=prefix, recursive=True)),
+        ]
+        # one multi-object DeleteObjects request per 1,000 keys (minio batches them), not a call per key;
+        # the iterator must be drained for the requests to be sent
+        failed = list(t.client.remove_objects(t.bucket, (DeleteObject(n) for n in names if n)))
+        if failed:
+            first = failed[0]
+            raise StorageError(
+                f"{len(failed)} object(s) under {t.uri} were not deleted, e.g. {first.name}: {first.code}",
+                "check that the credentials may delete in the bucket (s3:DeleteObject) and run it again",
+            )
 
     _call(t, "remove", delete)
 
