@@ -133,9 +133,8 @@ def gpu_stage(s: PipelineSettings, task: PipelineTask) -> PipelineTask:
     task.set_memory_request(gpu.memory_request).set_memory_limit(gpu.memory_limit)
     for key, value in gpu.node_selector.items():
         kubernetes.add_node_selector(task, label_key=key, label_value=value)
-    for tol in gpu.tolerations:
+    for tol in gpu.tolerations:  # an empty key or effect is Kubernetes' wildcard: leave the field out
         kubernetes.add_toleration(
-            # an empty key or effect is Kubernetes' wildcard: leave the field out
             task,
             key=tol.key or None,
             operator=tol.operator,

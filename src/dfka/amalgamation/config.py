@@ -273,7 +273,6 @@ class AmalgamationConfig(_Strict):
         (``run.remaining_budget``) with these shares, and each pipeline stage reads its own."""
         split = {k: float(self.budget_split.get(k, 0.0)) for k in ("gan", "blocks", "finetune")}
         if self.regroup.finetune is None:
-            split["blocks"] += split.pop("finetune")
-            split["finetune"] = 0.0
+            split["blocks"], split["finetune"] = split["blocks"] + split["finetune"], 0.0
         total = sum(split.values())
         return {k: v / total for k, v in split.items()}
