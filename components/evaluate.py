@@ -32,7 +32,15 @@ def evaluate(
         dataset=evaluation_dataset or None,
         context=ctx,
     )
-    describe(results, result, **{k: v for k, v in result["links"].items()})
+    registered = result["registered_model"] or {}
+    describe(
+        results,
+        result,
+        verdict=result["verdict"],
+        registered_model=registered.get("name", ""),
+        registered_version=registered.get("version") or "",
+        **result["links"],
+    )
     write_metrics(metrics, result["metrics"])
     if result["confusion"] is not None:
         confusion.log_confusion_matrix(result["confusion"]["labels"], result["confusion"]["matrix"])

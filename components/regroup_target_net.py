@@ -15,18 +15,12 @@ def regroup_target_net(
     target_net: Output[Model],
     metrics: Output[Metrics],
 ):
-    """Stage 3: the TargetNet (safetensors, TorchScript), logged and registered in MLflow."""
+    """Stage 3: the TargetNet (safetensors, TorchScript), logged in MLflow (evaluate registers it)."""
     from dfka.stages import regroup_target_net as stage
     from dfka.stages.component_io import component_context, describe, write_metrics
 
     ctx = component_context(experiment, mlflow_tracking_uri, bucket, target_net.path)
     result = stage(teacher_set.path, samples.path, dual.path, target_net.path, context=ctx)
-    registered = result["registered_model"] or {}
-    describe(
-        target_net,
-        result,
-        labels=result["labels"],
-        registered_model=registered.get("name", ""),
-        registered_version=registered.get("version") or "",
-    )
+    logged = result["registered_model"] or {}
+    describe(target_net, result, labels=result["labels"], mlflow_model=logged.get("model_uri", ""))
     write_metrics(metrics, result["metrics"])

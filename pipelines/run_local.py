@@ -246,7 +246,6 @@ def collect(cfg: ExperimentConfig, run_id: str, bucket: str, root: Path, seconds
         }
         if stage == "evaluate":
             evaluation = result
-        if stage == "regroup-target-net":
             registered = result.get("registered_model")
     summary: dict[str, Any] = {
         "run_id": run_id,
@@ -258,7 +257,10 @@ def collect(cfg: ExperimentConfig, run_id: str, bucket: str, root: Path, seconds
     }
     if evaluation is not None:
         summary.update(
-            metrics=evaluation["metrics"], results=evaluation["results"], markdown=evaluation["markdown"]
+            metrics=evaluation["metrics"],
+            results=evaluation["results"],
+            markdown=evaluation["markdown"],
+            verdict=evaluation.get("verdict"),
         )
     uri = os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
@@ -292,12 +294,15 @@ def render(summary: dict[str, Any]) -> str:
         )
     lines.append(f"{'pipeline (kfp.local, end to end)':<30} {summary['seconds']:>9.1f} s")
     lines.append("")
+    if summary.get("verdict"):
+        lines += [summary["verdict"], ""]
     if summary.get("mlflow"):
         m = summary["mlflow"]
         lines.append(f"MLflow:  {m['url']}  (experiment {m['experiment']})")
     if summary.get("registered_model"):
         r = summary["registered_model"]
-        lines.append(f"model:   {r['name']} version {r['version']}  ({r['model_uri']})")
+        aliases = f", aliases {', '.join(r['aliases'])}" if r.get("aliases") else ""
+        lines.append(f"model:   {r['name']} version {r['version']}{aliases}  ({r['model_uri']})")
     offline = [s["tracking_offline"] for s in summary["stages"].values() if s.get("tracking_offline")]
     if offline:
         lines.append("MLflow was unreachable during the run; the metrics are kept in:")

@@ -105,6 +105,8 @@ def test_pipeline_end_to_end_on_kfp_local(stack_env, tmp_path: Path, monkeypatch
     assert parent_id is not None and summary["mlflow"]["parent_run_id"] == parent_id
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED"
+    short = run_id.rsplit("-", 1)[-1]
+    assert parent.info.run_name == f"{experiment} · dfka lenet5:0.25 step budgets · seed 0 · {short}"
     assert parent.data.tags["dfka.kfp_run_id"] == run_id
     assert parent.data.tags["dfka.git_commit"] and parent.data.tags["dfka.config_hash"]
     exp_id = parent.info.experiment_id
@@ -116,6 +118,10 @@ def test_pipeline_end_to_end_on_kfp_local(stack_env, tmp_path: Path, monkeypatch
         assert child.data.tags["dfka.config_hash"] == parent.data.tags["dfka.config_hash"]
         assert child.data.tags["dfka.outputs"] == f"{runs}/{child.info.run_name}"
         assert "stage.wall_seconds" in child.data.metrics
+        for key in child.data.metrics:  # read back: every curve's steps increase, none starts at a fake 0
+            steps = [m.step for m in client.get_metric_history(child.info.run_id, key)]
+            assert steps == sorted(set(steps)), (child.info.run_name, key, steps)
+            assert len(steps) == 1 or steps[0] > 0, (child.info.run_name, key, steps)
     by_name = {c.info.run_name: c for c in children}
     gan = by_name["train-amalgamating-gan"]
     curve = next(k for k in gan.data.metrics if k.startswith("gan.") and "loss" in k)
@@ -124,16 +130,28 @@ def test_pipeline_end_to_end_on_kfp_local(stack_env, tmp_path: Path, monkeypatch
     metrics = parent.data.metrics
     for key in ("test.student.acc", "test.ensemble.acc", "test.teacher.lo.acc", "test.student.acc.digit_3"):
         assert key in metrics, key
-    assert all(f"time.{stage}.seconds" in metrics for stage in STAGES)
+    assert all(f"stage.{stage}.seconds" in metrics for stage in STAGES)
+    assert metrics["stage.train-amalgamating-gan.steps"] == 30
+    assert metrics["score.union"] == metrics["test.student.acc"]
+    ratio = metrics["test.student.acc"] / metrics["test.ensemble.acc"]
+    assert metrics["score.ratio_to_ensemble"] == pytest.approx(ratio)
+    assert metrics["score.teacher.lo"] == metrics["test.teacher.lo.acc"]
+    description = parent.data.tags["mlflow.note.content"]
+    assert description.startswith("TargetNet (lenet5:0.25) ") and "train-amalgamating-gan 30" in description
     assert metrics["test.teacher.lo.acc"] > 0.8
     results = {a.path for a in client.list_artifacts(parent_id, "results")}
     assert {"results/results.md", "results/confusion.png", "results/samples_grid.png"} <= results
 
-    # the registered model comes from the regroup stage's run
+    # the model is logged by the regroup stage's run and registered after the evaluation, with its scores
     name = f"{experiment}-targetnet"
     (version,) = client.search_model_versions(f"name='{name}'")
     assert version.run_id == by_name["regroup-target-net"].info.run_id
-    assert summary["registered_model"]["name"] == name
+    assert float(version.tags["score.union"]) == pytest.approx(metrics["score.union"], rel=1e-5)
+    assert version.tags["test.dataset"] == "mnist" and version.description.startswith("TargetNet (lenet5")
+    for alias in ("candidate", "best"):
+        assert client.get_model_version_by_alias(name, alias).version == version.version
+    assert parent.data.tags["dfka.model"] == f"models:/{name}/{version.version}"
+    assert summary["registered_model"]["name"] == name and summary["verdict"] in proc.stdout
 
     # the TargetNet loads from the bucket and predicts one score per label
     net, meta = load_targetnet(f"{runs}/regroup-target-net")

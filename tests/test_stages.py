@@ -92,7 +92,7 @@ def test_ingest_resolves_labels_by_name_and_reports(tmp_path: Path) -> None:
         assert (out / "teachers" / name / "teacher.json").is_file()
         assert (out / "teachers" / name / "weights.safetensors").is_file()
     assert "| a |" in (out / "report.md").read_text()
-    assert r["metrics"]["teachers"] == 2 and r["metrics"]["target_labels"] == 3
+    assert r["metrics"]["teachers.count"] == 2 and r["metrics"]["labels.target"] == 3
     # same teachers and config -> same hash; another seed -> another hash
     again = stages.ingest_teachers(
         uris, str(tmp_path / "ts2"), target_labels="toy_5,toy_1,toy_4", amalgamation=TOY_METHOD, seed=3

@@ -93,15 +93,19 @@ def test_params_are_flattened_redacted_and_truncated(monkeypatch):
         "url": f"http://u:{FAKE_SECRET}@host",
         "long": "x" * 7000,
         "empty": {},
+        "unset": None,
+        "labels": ["digit_0", "digit_1"],
+        "tokens": [FAKE_SECRET],
     }
     cleaned = clean_params(params)
-    assert cleaned["model.layers.0"] == "8" and cleaned["model.layers.1"] == "16"
+    assert cleaned["model.layers"] == "[8, 16]" and cleaned["labels"] == '["digit_0", "digit_1"]'
     assert cleaned["model.act"] == "relu" and cleaned["lr"] == "0.1"
     assert cleaned["db_password"] == cleaned["copy"] == cleaned["auth.api_token"] == "***"
     assert cleaned["url"] == "http://u:***@host"
-    assert len(cleaned["long"]) == 6000 and cleaned["empty"] == "{}"
+    assert len(cleaned["long"]) == 6000
+    assert "empty" not in cleaned and "unset" not in cleaned  # unset is no param, not the word None
     assert all(FAKE_SECRET not in v for v in cleaned.values())
-    assert flatten([{"a": 1}]) == {"0.a": 1}
+    assert flatten([{"a": 1}]) == {"0.a": 1} and flatten({"t": [{"a": 1}, 2]}) == {"t.0.a": 1, "t.1": 2}
 
 
 @pytest.mark.integration
@@ -125,7 +129,7 @@ def test_parent_child_params_metrics_artifacts(stack_env, monkeypatch, tmp_path)
     run = client.get_run(parent.run_id)
     assert run.info.status == "FINISHED" and run.info.experiment_id == parent.experiment_id
     params = run.data.params
-    assert params["model.layers.1"] == "16" and params["lr"] == "0.1"
+    assert params["model.layers"] == "[8, 16]" and params["lr"] == "0.1"
     assert params["db_password"] == params["copy"] == "***"
     assert all(FAKE_SECRET not in v for v in params.values())
     assert run.data.tags["stage"] == "unit" and run.data.tags["result"] == "ok"
@@ -148,6 +152,58 @@ def test_parent_child_params_metrics_artifacts(stack_env, monkeypatch, tmp_path)
     # MLflow proxies artifacts into the SeaweedFS bucket started by the stack.
     stored = storage.listdir(f"s3://mlflow/artifacts/{parent.experiment_id}/{parent.run_id}")
     assert "artifacts/reports/report.txt" in stored
+
+
+@pytest.mark.integration
+def test_a_summary_value_does_not_draw_a_false_first_point(stack_env, monkeypatch, tmp_path):
+    """A loop logs a curve at its steps, the stage then logs its summary without a step: MLflow must keep
+    the curve as logged (a step-less value would be stored at step 0), online and through a sync."""
+
+    def log(tracker: Tracker) -> None:
+        tracker.log_metrics({"loss": 1.0}, step=25)
+        tracker.log_metrics({"loss": 0.5}, step=50)
+        tracker.log_metrics({"loss": 0.5, "seconds": 3.0})  # the stage's summary
+
+    client = _client(stack_env)
+    with Tracker.start("dfka-test", "curve") as online:
+        log(online)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{_dead_port()}")
+    monkeypatch.setenv("DFKA_HOME", str(tmp_path))
+    with Tracker.start("dfka-test", "curve-offline") as offline:
+        log(offline)
+    (synced,) = sync_offline(stack_env.mlflow_uri, home=tmp_path)
+    for run_id in (online.run_id, synced.run_id):
+        assert _history(client, run_id, "loss") == [(25, 1.0), (50, 0.5)]
+        assert _history(client, run_id, "seconds") == [(0, 3.0)]  # a value with no curve keeps its place
+
+
+@pytest.mark.integration
+def test_the_registry_points_candidate_at_the_newest_and_best_at_the_highest(stack_env, tmp_path):
+    """``best``: the highest union score among the versions scored on the newest version's test set."""
+    import torch
+
+    from dfka.stages.registry import log_targetnet, read_logged, register_evaluated
+
+    client, name = _client(stack_env), f"dfka-test-{uuid.uuid4().hex[:6]}-targetnet"
+    versions = []
+    for i, (score, dataset) in enumerate(
+        ((0.90, "mnist"), (0.95, "mnist"), (0.93, "mnist"), (0.5, "fashion"))
+    ):
+        with Tracker.start("dfka-test", "regroup") as tracker:
+            out = str(tmp_path / f"targetnet-{i}")
+            log_targetnet(torch.nn.Linear(4, 2), torch.rand(2, 4), tracker, stack_env.mlflow_uri, name, out)
+        logged = read_logged(out)  # what the evaluation stage, another process, reads
+        assert logged is not None and logged["run_id"] == tracker.run_id
+        tags = {"score.union": f"{score}", "test.dataset": dataset}
+        versions.append(register_evaluated(client, logged, tags, f"scored {score}"))
+    assert [v["version"] for v in versions] == ["1", "2", "3", "4"]
+    assert [v["aliases"] for v in versions] == [["candidate", "best"]] * 2 + [
+        ["candidate"],
+        ["candidate", "best"],
+    ]
+    assert client.get_model_version_by_alias(name, "candidate").version == "4"
+    assert client.get_model_version(name, "3").description == "scored 0.93"
+    assert client.get_model_version(name, "2").tags["score.union"] == "0.95"
 
 
 @pytest.mark.integration

@@ -112,8 +112,9 @@ def train_teacher(
     metrics = score(predict(model, x_test), y_test, recipe.task, test.label_names, prefix="test_")
     headline = {k: v for k, v in metrics.items() if "." not in k}
     headline["train_seconds"] = train_seconds
-    if on_metrics:
-        on_metrics(metrics | {"train_seconds": train_seconds}, step)
+    if on_metrics:  # MLflow's keys follow the pipeline's dotted scheme (the manifest keeps its own)
+        tracked = {f"test.{k.removeprefix('test_')}": v for k, v in metrics.items()}
+        on_metrics(tracked | {"train.seconds": train_seconds}, step)
     training = {
         "dataset": recipe.dataset,
         "epochs": recipe.epochs,

@@ -116,14 +116,16 @@ def _rejected(err: Exception) -> bool:
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": [1, 2]}}`` → ``{"a.b.0": 1, "a.b.1": 2}``; pydantic models and dataclasses too."""
+    """``{"a": {"b": [1, 2]}, "c": [{"d": 3}]}`` → ``{"a.b": [1, 2], "c.0.d": 3}``: mappings (pydantic
+    models and dataclasses too) become dotted keys; a list of plain values stays one value, so that ten
+    target labels are one param that a run comparison shows in one row; a list of mappings is indexed."""
     if hasattr(obj, "model_dump"):
         obj = obj.model_dump()
     elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
         obj = dataclasses.asdict(obj)
     if isinstance(obj, Mapping) and obj:
         items = obj.items()
-    elif isinstance(obj, list | tuple) and obj:
+    elif isinstance(obj, list | tuple) and any(_nested(v) for v in obj):
         items = enumerate(obj)
     else:
         return {prefix.rstrip("."): obj}
@@ -133,12 +135,28 @@ def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def _nested(value: Any) -> bool:
+    return isinstance(value, Mapping | list | tuple) or hasattr(value, "model_dump")
+
+
+def param_text(value: Any) -> str | None:
+    """How a flattened value reads as a param: lists as JSON (``["digit_0", "digit_1"]``); ``None`` and
+    empty mappings give ``None`` (not logged: "unset" is the absence of the param, not the word None)."""
+    if value is None or (isinstance(value, Mapping) and not value):
+        return None
+    if isinstance(value, list | tuple):
+        return json.dumps(list(value), default=str)
+    return str(value)
+
+
 def clean_params(params: Mapping[str, Any]) -> dict[str, str]:
-    """Flatten, stringify, redact secrets and truncate to MLflow's limits."""
+    """Flatten, stringify, drop unset values, redact secrets and truncate to MLflow's limits."""
     secrets = {v for k in SECRET_ENV_KEYS if (v := os.environ.get(k))}
     cleaned = {}
     for key, value in flatten(dict(params)).items():
-        text = str(value)
+        text = param_text(value)
+        if text is None:
+            continue
         if any(word in key.lower() for word in SECRET_KEY_WORDS) or text in secrets:
             text = REDACTED
         cleaned[key[:MAX_KEY]] = redact(text)[:MAX_PARAM]
@@ -168,6 +186,7 @@ class Tracker:
         self._offline_path: Path | None = None
         self._start_ms = _now_ms()
         self._ended = False
+        self._stepped: set[str] = set()  # keys logged with a step: their summary is their last point
 
     # ------------------------------------------------------------ lifecycle
 
@@ -258,14 +277,25 @@ class Tracker:
             )
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
+        """Log ``metrics`` at ``step``; without a step they are the run's summary values.
+
+        A summary value under a key that already has a per-step history is not logged: that history's
+        last point is the summary, and MLflow would store a step-less value as step 0, drawing a false
+        first point (or a diagonal back to the start) on the key's chart.
+        """
         from mlflow.entities import Metric
 
         values: dict[str, float] = {}
         for key, value in metrics.items():
+            key = key[:MAX_KEY]
+            if step is None and key in self._stepped:
+                continue
             try:
-                values[key[:MAX_KEY]] = float(value)
+                values[key] = float(value)
             except (TypeError, ValueError):
                 log.warning("metric %r is not a number (%r); skipped", key, type(value).__name__)
+        if step is not None:
+            self._stepped.update(values)
         stamp, items = _now_ms(), list(values.items())
         for i in range(0, len(items), BATCH_METRICS):
             chunk = dict(items[i : i + BATCH_METRICS])

@@ -233,8 +233,8 @@ def train_blocks(
             )
             total_steps += result.steps
             total_seconds += result.seconds
-            extra[f"block{b}_steps"] = result.steps
-            extra[f"block{b}_seconds"] = result.seconds
+            extra[f"blocks.b{b}.steps"] = result.steps
+            extra[f"blocks.b{b}.seconds"] = result.seconds
             extra.update(result.metrics)
             if checkpoints is not None:
                 so_far = {"steps": total_steps, "seconds": total_seconds, "extra": extra}

@@ -8,7 +8,8 @@ Order and data flow (each output folder is the next stage's input)::
     export_synthetic_samples(teacher_set, gan, out)         -> sharded samples in the object store
     train_dual_generator_blocks(teacher_set, samples, out)  -> dual generator                       stage 2
     regroup_target_net(teacher_set, samples, dual, out)     -> TargetNet (+ TorchScript, MLflow model) stage 3
-    evaluate(teacher_set, target_net, samples, out)         -> results table, confusion matrix, report
+    evaluate(teacher_set, target_net, samples, out)         -> results table, confusion matrix, report,
+                                                               the TargetNet registered with its scores
 
 Stages 0-3 run under the data-free guard; only ``evaluate`` reads real images (the test split).
 Pass a :class:`RunContext` to track the stage in MLflow and publish its output under
@@ -28,7 +29,7 @@ _EXPORTS = {
     "export_synthetic_samples": "dfka.stages.training",
     "train_dual_generator_blocks": "dfka.stages.training",
     "regroup_target_net": "dfka.stages.training",
-    "model_name": "dfka.stages.training",
+    "model_name": "dfka.stages.registry",
     "evaluate": "dfka.stages.evaluation",
 }
 __all__ = [
@@ -46,9 +47,9 @@ if TYPE_CHECKING:
     from dfka.stages.context import RunContext
     from dfka.stages.evaluation import evaluate
     from dfka.stages.ingest import ingest_teachers
+    from dfka.stages.registry import model_name
     from dfka.stages.training import (
         export_synthetic_samples,
-        model_name,
         regroup_target_net,
         train_amalgamating_gan,
         train_dual_generator_blocks,

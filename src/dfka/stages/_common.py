@@ -135,7 +135,11 @@ def finish(
         tracker.set_tags({TAG_OUTPUTS: published})
     tracker.log_metrics({"stage.wall_seconds": result["seconds"]})
     if ctx is not None and (parent := ctx.parent()) is not None:
-        parent.log_metrics({f"time.{stage}.seconds": result["seconds"]})
+        steps = (result.get("report") or {}).get("steps")
+        per_stage = {f"stage.{stage}.seconds": result["seconds"]}
+        if isinstance(steps, int | float):  # wall-clock budgets: steps differ between equal configs
+            per_stage[f"stage.{stage}.steps"] = steps
+        parent.log_metrics(per_stage)
     log.info("%s finished in %.1f s%s", stage, result["seconds"], f" -> {published}" if published else "")
     if offline:
         log.warning(

@@ -12,7 +12,8 @@ key on KFP) stay the same from run to run:
 ======================  ===============================================================================
 
 MLflow layout: one parent run per pipeline run (tag ``dfka.kfp_run_id``; the first stage that runs
-creates it, later stages find it by that tag) and one child run per stage. Every run carries the tags
+creates it, later stages find it by that tag), named after the experiment, the variant and the seed
+(:func:`parent_run_name`), and one child run per stage. Every run carries the tags
 ``dfka.kfp_run_id``, ``dfka.git_commit`` and ``dfka.config_hash``. Tracking never stops a stage: an
 unreachable server sends the child runs to ``dfka.tracking``'s offline mode.
 """
@@ -118,8 +119,11 @@ class RunContext:
             tags[TAG_CONFIG] = config_hash
         return tags
 
-    def parent(self, config_hash: str | None = None) -> ParentRun | None:
-        """The pipeline run's parent MLflow run (found by tag, created if missing); ``None`` offline."""
+    def parent(
+        self, config_hash: str | None = None, config: Mapping[str, Any] | None = None
+    ) -> ParentRun | None:
+        """The pipeline run's parent MLflow run (found by tag, created if missing, named from ``config``,
+        the experiment config, when given); ``None`` offline."""
         if not self.track or self.tracking_uri is None:
             return None
         client = _client(self.tracking_uri)
@@ -127,7 +131,8 @@ class RunContext:
             return None
         if not self._parent_checked:
             self._parent_checked = True
-            self._parent_id = _find_or_create_parent(client, self, config_hash)
+            name = parent_run_name(config, self.run_id) if config else f"pipeline {self.run_id}"
+            self._parent_id = _find_or_create_parent(client, self, config_hash, name)
         return ParentRun(client, self._parent_id) if self._parent_id else None
 
     @contextmanager
@@ -138,7 +143,7 @@ class RunContext:
         if not self.track:
             yield NullTracker()
             return
-        parent = self.parent(config_hash)
+        parent = self.parent(config_hash, params)
         tags = {**self.tags(config_hash), TAG_KIND: "stage", TAG_STAGE: stage}
         if parent is not None:
             tags["mlflow.parentRunId"] = parent.run_id
@@ -256,15 +261,26 @@ def find_parent(client: MlflowClient, experiment: str, run_id: str) -> str | Non
     return runs[0].info.run_id if runs else None
 
 
-def _find_or_create_parent(client: MlflowClient, ctx: RunContext, config_hash: str | None) -> str | None:
+def parent_run_name(config: Mapping[str, Any], run_id: str) -> str:
+    """What a runs list needs to tell parents apart: ``dfka-demo · dfka lenet5:1.0 5 min · seed 0 · 3f9a2c``
+    (experiment · preset, student and budget · seed · the run id's last part)."""
+    amalgamation = config.get("amalgamation") or {}
+    minutes = amalgamation.get("budget_minutes")
+    budget = f"{minutes:g} min" if isinstance(minutes, int | float) else "step budgets"
+    variant = f"{amalgamation.get('preset', 'dfka')} {amalgamation.get('student', '?')} {budget}"
+    seed = amalgamation.get("seed", "?")
+    return f"{config.get('experiment') or 'dfka'} · {variant} · seed {seed} · {run_id.rsplit('-', 1)[-1]}"
+
+
+def _find_or_create_parent(
+    client: MlflowClient, ctx: RunContext, config_hash: str | None, run_name: str
+) -> str | None:
     try:
         found = find_parent(client, ctx.experiment, ctx.run_id)
         if found:
             return found
         tags = {**ctx.tags(config_hash), TAG_KIND: "pipeline"}
-        run = client.create_run(
-            experiment_id(client, ctx.experiment), tags=tags, run_name=f"pipeline {ctx.run_id}"
-        )
+        run = client.create_run(experiment_id(client, ctx.experiment), tags=tags, run_name=run_name)
         return run.info.run_id
     except Exception as err:
         log.warning("MLflow: no parent run for %s: %s", ctx.run_id, redact(str(err))[:300])

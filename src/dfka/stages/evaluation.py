@@ -25,7 +25,8 @@ from dfka.evaluation import confusion_matrix, mean_average_precision, score
 from dfka.models import count_flops, count_params
 from dfka.stages import report as reports
 from dfka.stages._common import ensure_dir, finish, load_teacher_set, samples_location, scratch
-from dfka.stages.context import RunContext, run_url
+from dfka.stages.context import TAG_COMMIT, TAG_RUN_ID, ParentRun, RunContext, run_url
+from dfka.stages.registry import TAG_DATASET, read_logged, register_evaluated
 from dfka.stages.training import GRID_FILE, _grid, _restore_routing
 from dfka.tracking import experiment_id
 
@@ -196,11 +197,13 @@ def evaluate(
                 if path is not None and path.is_file():
                     tracker.log_artifact(path, "results")
             parent = ctx.parent(ts.config_hash)
+            registered = None
             if parent is not None:
-                parent.log_metrics(metrics)
+                parent.log_metrics(metrics | reports.headline_scores(results))
                 for path in (local / RESULTS_MD, local / REPORT_HTML, cm_png, grid):
                     if path is not None and path.is_file():
                         parent.log_artifact(path, "results")
+                registered = _register(parent, ctx, ts.config_hash, target_net, results)
         result = {
             "outputs": {"results": out},
             "metrics": metrics,
@@ -209,12 +212,50 @@ def evaluate(
             "markdown": markdown,
             "html": page,
             "links": links,
+            "verdict": reports.verdict(results),
+            "registered_model": registered,
         }
         result = finish(STAGE, out, context, tracker, result, started)
     if parent is not None:
         parent.set_tags({"dfka.results": result["published"] or out})
         parent.end("FINISHED")
     return result
+
+
+def _register(
+    parent: ParentRun, ctx: RunContext, config_hash: str, target_net: str, results: dict[str, Any]
+) -> dict[str, Any] | None:
+    """Register the regroup stage's logged TargetNet with its test scores, and describe the parent run
+    (the runs list's description column): the verdict, the steps each stage took, the model version."""
+    steps = {}
+    try:
+        logged_metrics = parent.client.get_run(parent.run_id).data.metrics
+        steps = {
+            k[len("stage.") : -len(".steps")]: v for k, v in logged_metrics.items() if k.endswith(".steps")
+        }
+    except Exception:  # a description without the steps is still a description
+        pass
+    lines = [reports.verdict(results), ""]
+    for name, teacher in results["teachers"].items():
+        lines.append(
+            f"- {name}: TargetNet {reports.pct(results['student']['tasks'][name])} on its labels, "
+            f"the teacher {reports.pct(teacher['own'])}"
+        )
+    if steps:
+        lines.append("- steps: " + ", ".join(f"{stage} {int(n)}" for stage, n in sorted(steps.items())))
+    lines.append(f"- run `{ctx.run_id}`, commit `{ctx.git_commit}`, config `{config_hash}`")
+    logged = read_logged(target_net)
+    registered = None
+    if logged is not None:
+        tags = {k: f"{v:.6g}" for k, v in reports.headline_scores(results).items()}
+        tags |= {TAG_DATASET: results["dataset"], TAG_RUN_ID: ctx.run_id, TAG_COMMIT: ctx.git_commit}
+        registered = register_evaluated(parent.client, logged, tags, "\n".join(lines))
+    if registered is not None:
+        model = f"models:/{registered['name']}/{registered['version']}"
+        lines.append(f"- model: `{model}` (aliases: {', '.join(registered['aliases'])})")
+        parent.set_tags({"dfka.model": model})
+    parent.set_tags({"mlflow.note.content": "\n".join(lines)})
+    return registered
 
 
 def _copy_grid(ts: Any, samples: str, local: Path) -> Path | None:

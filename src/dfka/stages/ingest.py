@@ -104,13 +104,13 @@ def ingest_teachers(
         storage.put_bytes(json.dumps(doc, indent=2).encode(), storage.join(out, TEACHER_SET_FILE))
 
     metrics = {
-        "teachers": float(len(kept)),
-        "target_labels": float(len(cfg.target_labels)),
-        "shared_labels": float(len(report["shared_labels"])),
+        "teachers.count": float(len(kept)),
+        "labels.target": float(len(cfg.target_labels)),
+        "labels.shared": float(len(report["shared_labels"])),
         "teachers.params": float(report["params_total"]),
         "teachers.flops": float(report["flops_total"]),
     }
-    if context is not None and (parent := context.parent(digest)) is not None:
+    if context is not None and (parent := context.parent(digest, config)) is not None:
         parent.log_params(config)
         parent.set_tags(context.tags(digest))
     with (context or RunContext(track=False, publish=False)).stage_run(STAGE, config, digest) as tracker:

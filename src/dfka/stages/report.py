@@ -172,6 +172,36 @@ def results_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
     return header, rows
 
 
+def headline_scores(results: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers that say which run is best (``score.*``, first in MLflow's sorted metric lists): the
+    TargetNet's union score, the ensemble's, their ratio, the size ratio, and per teacher its own score
+    and the TargetNet's on its labels."""
+    student, ensemble = results["student"], results["ensemble"]
+    union, reference = float(student["union"]), float(ensemble["union"])
+    scores = {
+        "score.union": union,
+        "score.ensemble": reference,
+        "score.ratio_to_ensemble": union / reference if reference > 0 else math.nan,
+        "score.params_ratio": student["params"] / max(1, ensemble["params"]),
+    }
+    for name, teacher in results["teachers"].items():
+        scores[f"score.teacher.{name}"] = float(teacher["own"])
+        scores[f"score.student.{name}"] = float(student["tasks"][name])
+    return scores
+
+
+def verdict(results: Mapping[str, Any]) -> str:
+    """One line: ``TargetNet (lenet5:1.0) 94.98% accuracy on the mnist test split: 0.998 × the teachers'
+    ensemble (95.22%), with 0.50 × their parameters.``"""
+    s = headline_scores(results)
+    metric = "accuracy" if results["metric"] == "top-1 accuracy" else results["metric"]
+    return (
+        f"TargetNet ({results['student']['spec']}) {pct(s['score.union'])} {metric} on the "
+        f"{results['dataset']} test split: {s['score.ratio_to_ensemble']:.3f} × the teachers' ensemble "
+        f"({pct(s['score.ensemble'])}), with {s['score.params_ratio']:.2f} × their parameters."
+    )
+
+
 def per_label_rows(results: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["label", "TargetNet", "ensemble"]
     rows = [

@@ -55,6 +55,7 @@ from dfka.stages._common import (
     write_location,
 )
 from dfka.stages.context import RunContext
+from dfka.stages.registry import log_targetnet, model_name
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +160,7 @@ def _finish_gan(
         kept = len(trajectory)
     batch = Sampler(gan, seed=cfg.seed + 7, batch_size=256, device=ts.device).sample(256)
     grid = _grid(ts, batch.image.cpu(), batch.logits, out)
-    metrics = {**report_metrics("stage", stage), "trajectory_samples": float(kept)}
+    metrics = {**report_metrics("stage", stage), "samples.trajectory": float(kept)}
     metrics.update({k: v for k, v in stage.extra.items() if isinstance(v, int | float)})
     tracker.log_metrics(metrics)
     _log_grid(tracker, grid)
@@ -329,7 +330,8 @@ def regroup_target_net(
 
     ``out`` gets ``targetnet.safetensors`` + ``targetnet.json`` + ``targetnet.torchscript.pt``. With
     tracking on, the TargetNet is also logged as an MLflow model (``pt2``, with an input example and a
-    signature) and registered as ``registered_model_name`` (default ``<experiment>-targetnet``).
+    signature) for the evaluation stage to register as ``registered_model_name`` (default
+    ``<experiment>-targetnet``) once it has test scores (:mod:`dfka.stages.registry`).
     """
     started = time.perf_counter()
     ctx = _ctx(context)
@@ -398,57 +400,11 @@ def _finish_regroup(
     tracker.log_metrics(metrics)
     tracker.log_dict(json.loads(manifest.model_dump_json()), "targetnet/targetnet.json")
     name = registered_model_name or model_name(ctx.experiment)
-    registered = _log_mlflow_model(net, example, tracker, ctx, name)
+    logged = log_targetnet(net, example, tracker, ctx.tracking_uri, name, out) if ctx.track else None
     return {
         "outputs": {"target_net": out},
         "metrics": metrics,
         "report": stage.as_dict(),
         "labels": list(net.label_names),
-        "registered_model": registered,
-    }
-
-
-def model_name(experiment: str) -> str:
-    """The registry name derived from the experiment: ``<experiment>-targetnet``."""
-    return f"{experiment}-targetnet"
-
-
-def _log_mlflow_model(
-    net: TargetNet, example: torch.Tensor, tracker: Any, ctx: RunContext, name: str
-) -> dict[str, Any] | None:
-    """Log the TargetNet as an MLflow ``pt2`` model (torch.export, no pickle) and register it."""
-    if not ctx.track:
-        return None
-    if tracker.run_id is None or getattr(tracker, "offline", False) or ctx.tracking_uri is None:
-        log.warning("MLflow is offline: the TargetNet is not logged as an MLflow model nor registered")
-        return None
-    import mlflow
-    from mlflow.models import infer_signature
-
-    mlflow.set_tracking_uri(ctx.tracking_uri)
-    x = example.clamp(0, 1).numpy()
-    with torch.no_grad():
-        y = net(example).numpy()
-    signature = infer_signature(x, y)
-    try:
-        info = mlflow.pytorch.log_model(
-            net,
-            name="targetnet",
-            run_id=tracker.run_id,
-            registered_model_name=name,
-            input_example=x,
-            signature=signature,
-            serialization_format="pt2",
-            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"mlflow=={mlflow.__version__}"],
-            metadata={"labels": list(net.label_names), "pixel_range": [0.0, 1.0]},
-            await_registration_for=60,
-        )
-    except Exception as err:  # tracking never fails the stage
-        log.warning("could not log the TargetNet to MLflow: %s", err)
-        return None
-    version = getattr(info, "registered_model_version", None)
-    return {
-        "name": name,
-        "version": str(version) if version is not None else None,
-        "model_uri": info.model_uri,
+        "registered_model": logged,  # its version comes with the evaluation, which registers it
     }
