@@ -168,6 +168,54 @@ def test_rendering_without_secret_env_files_fails_loudly(tmp_path: Path) -> None
     assert ".env" in proc.stderr
 
 
+def _check_secrets(overlay: Path, capsys: pytest.CaptureFixture[str]) -> tuple[int, str]:
+    from dfka.cli import main
+
+    code = main(["cluster", "check-secrets", str(overlay)])
+    return code, capsys.readouterr().out
+
+
+def test_check_secrets_names_the_file_and_template_kustomize_would_miss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`dfka cluster check-secrets` fails exactly where `kubectl kustomize` would, and says what to copy;
+    once it passes, kustomize renders; a value is never printed."""
+    shutil.copytree(K8S, tmp_path / "k8s", ignore=shutil.ignore_patterns("*.env"))
+    monkeypatch.chdir(tmp_path)
+    overlay = Path("k8s/overlays/standalone")
+    db, s3 = Path("k8s/base/secrets/mlflow-db.env"), Path("k8s/overlays/standalone/secrets/s3.env")
+
+    code, out = _check_secrets(overlay, capsys)
+    assert code == 1 and "2 checks, 2 failed" in out
+    assert f"fix: cp {db}.example {db}, then replace every CHANGE_ME (k8s/README.md, step 3" in out
+    assert f"fix: cp {s3}.example {s3}" in out
+
+    shutil.copy(f"{db}.example", db)
+    shutil.copy(f"{s3}.example", s3)
+    code, out = _check_secrets(overlay, capsys)
+    assert (
+        code == 1
+        and "still has CHANGE_ME or an empty value in POSTGRES_PASSWORD" in out
+        and "accesskey, secretkey" in out
+    )
+
+    password = "p" + os.urandom(8).hex()
+    db.write_text(db.read_text().replace("POSTGRES_PASSWORD=CHANGE_ME", f"POSTGRES_PASSWORD={password}"))
+    s3.write_text("accesskey=dfka-test\n")
+    code, out = _check_secrets(overlay, capsys)
+    assert code == 1 and f"{s3} lacks secretkey" in out and "ok   secret dfka-mlflow-db" in out
+
+    s3.write_text("accesskey=dfka-test\nsecretkey=\n")
+    code, out = _check_secrets(overlay, capsys)
+    assert code == 1 and "an empty value in secretkey" in out
+
+    s3.write_text("accesskey=dfka-test\nsecretkey=s3cr3t-value\n")
+    code, out = _check_secrets(overlay, capsys)
+    assert code == 0 and "2 checks, 0 failed" in out
+    assert password not in out and "s3cr3t-value" not in out
+    assert find(render(overlay), "Secret", "mlpipeline-minio-artifact")["data"]["secretkey"]
+
+
 @pytest.mark.parametrize("version", VERSIONS)
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_validates_strict(
