@@ -12,6 +12,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -35,6 +36,7 @@ from dfka.settings import (
     load_stack_env,
     redact,
 )
+from dfka.stack import StackPorts
 from dfka.stages.context import (
     experiment_id,
     find_parent,
@@ -180,20 +182,26 @@ def _stages_stop_on_sigterm(run_id: str):
         signal.signal(signal.SIGTERM, previous)
 
 
+#: kfp.local colours task names with ANSI escapes; they belong on a terminal, not in a file
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 class _Progress:
-    """A stdout that writes everything to the log file and shows only kfp.local's stage start/end lines."""
+    """A stdout that writes everything to the log file and shows only kfp.local's stage start/end lines;
+    colour codes go to a terminal only."""
 
     SHOW = ("Executing task", "finished with status")
 
     def __init__(self, log_stream: Any, terminal: Any):
         self.log, self.terminal, self.partial = log_stream, terminal, ""
+        self.colour = bool(getattr(terminal, "isatty", lambda: False)())
 
     def write(self, text: str) -> int:
-        self.log.write(text)
+        self.log.write(ANSI.sub("", text))
         *lines, self.partial = (self.partial + text).split("\n")
         for line in lines:
             if any(marker in line for marker in self.SHOW):
-                self.terminal.write(line + "\n")
+                self.terminal.write((line if self.colour else ANSI.sub("", line)) + "\n")
                 self.terminal.flush()
         return len(text)
 
@@ -310,6 +318,13 @@ def render(summary: dict[str, Any]) -> str:
         lines.append("         upload them with `dfka tracking sync` once the server is back")
     endpoint = f"  (S3 endpoint {summary['s3_endpoint']})" if summary.get("s3_endpoint") else ""
     lines.append(f"bucket:  {summary['bucket']}{endpoint}")
+    report = f"{summary['bucket']}evaluate/report.html"
+    browse = StackPorts.browse_url(summary.get("s3_endpoint", ""), summary["bucket"].removeprefix("s3://"))
+    if browse:  # the local stack: a browser gets 403 from the S3 URL, the filer serves the same objects
+        lines.append(f"browse:  {browse}")
+        report = f"{browse}evaluate/report.html"
+    if summary.get("results"):
+        lines.append(f"report:  {report}")
     return "\n".join(lines)
 
 

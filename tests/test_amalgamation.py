@@ -411,6 +411,8 @@ def test_the_default_split_gives_stage_2_no_time_and_drops_the_consistency_term_
     with_blocks = AmalgamationConfig(budget_minutes=10, budget_split={"gan": 4, "blocks": 3, "finetune": 3})
     assert with_blocks.gan.loss.consistency == 1.0
     assert AmalgamationConfig().gan.loss.consistency == 1.0  # step budgets train stage 2 its steps
+    one_step = AmalgamationConfig(blocks={"budget": {"steps": 1}})  # the same default split, in steps
+    assert one_step.gan.loss.consistency == 0.0
     again = AmalgamationConfig.model_validate(cfg.model_dump())  # as a pipeline stage re-reads it
     assert again.gan.loss.consistency == 0.0 and again.stage_shares() == cfg.stage_shares()
 

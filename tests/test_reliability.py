@@ -215,3 +215,37 @@ def test_closing_report_names_the_offline_files(offline: str | None) -> None:
     assert ("metrics are kept in" in text) == bool(offline)
     if offline:
         assert offline in text and "dfka tracking sync" in text
+
+
+def test_closing_block_says_the_verdict_and_links_a_browser_can_open() -> None:
+    from pipelines.run_local import render
+
+    stage = {"seconds": 1.0, "process_seconds": 2.0, "loop_seconds": 0.5}
+    verdict = "TargetNet (lenet5:1.0) 94.98% accuracy on the mnist test split: 0.998 × the ensemble"
+    summary = {
+        "stages": {STAGE: stage},
+        "seconds": 3.0,
+        "bucket": "s3://dfka/runs/r/",
+        "s3_endpoint": "http://127.0.0.1:8333",
+        "results": {"dataset": "mnist"},
+        "verdict": verdict,
+    }
+    lines = render(summary).splitlines()
+    assert verdict in lines
+    assert "browse:  http://127.0.0.1:8336/buckets/dfka/runs/r/" in lines  # the filer, not S3's 403
+    assert "report:  http://127.0.0.1:8336/buckets/dfka/runs/r/evaluate/report.html" in lines
+    remote = render({**summary, "s3_endpoint": "https://s3.example.com"}).splitlines()
+    assert not any(line.startswith("browse:") for line in remote)
+    assert "report:  s3://dfka/runs/r/evaluate/report.html" in remote
+
+
+def test_stage_log_files_get_no_colour_codes() -> None:
+    import io
+
+    from pipelines.run_local import _Progress
+
+    log, terminal = io.StringIO(), io.StringIO()  # a file, and a terminal that is not a TTY (CI, a pipe)
+    out = _Progress(log, terminal)
+    out.write("11:08:19.455 - INFO - Executing task \x1b[96m'ingest-teachers'\x1b[0m\nplain line\n")
+    assert "\x1b[" not in log.getvalue() and "plain line" in log.getvalue()
+    assert terminal.getvalue() == "11:08:19.455 - INFO - Executing task 'ingest-teachers'\n"

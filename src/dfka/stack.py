@@ -24,6 +24,7 @@ import sys
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -93,6 +94,15 @@ class StackPorts:
             if len(set(candidate.all())) == 11 and all(_port_free(p) for p in candidate.all()):
                 return candidate
         raise StackError("could not find free ports on 127.0.0.1", "stop some local servers and retry")
+
+    @staticmethod
+    def browse_url(s3_endpoint: str, key: str) -> str | None:
+        """The filer's browser URL of ``key`` (``bucket/prefix``) on a local stack whose S3 endpoint is
+        ``s3_endpoint`` (the S3 URL answers a browser 403); ``None`` for any other endpoint."""
+        url = urllib.parse.urlsplit(s3_endpoint)
+        if url.hostname not in ("127.0.0.1", "localhost") or url.port is None:
+            return None
+        return f"http://{url.hostname}:{url.port + 3}/buckets/{key}"
 
     def weed_args(self) -> list[str]:
         args = []

@@ -131,7 +131,7 @@ def train_teacher(
     manifest = save_bundle(
         model, out, name=name, labels=train.label_names, task=recipe.task, metrics=headline, training=training
     )
-    log.info("teacher %s: %s -> %s", name, _fmt(headline), out)
+    log.debug("teacher %s: %s -> %s", name, _fmt(headline), out)  # the CLI prints its own row
     return manifest
 
 

@@ -78,6 +78,8 @@ def apply_http_defaults() -> None:
     ``DFKA_NETWORK_TIMEOUT`` each, so an unanswering server fails in about that time."""
     for key, value in HTTP_DEFAULTS.items():
         os.environ.setdefault(key, value)
+    # MLflow prints "View run … at: <url>" to stdout for every run it ends; dfka prints its own links once
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", f"{max(1, round(network_timeout() / 2))}")
 
 

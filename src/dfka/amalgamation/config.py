@@ -259,10 +259,11 @@ class AmalgamationConfig(_Strict):
             self.gan.budget = Budget.share(seconds["gan"])
             self.blocks.budget = Budget.share(seconds["blocks"])
             self.regroup.finetune = Budget(seconds=seconds["finetune"]) if seconds["finetune"] else None
-            if seconds["blocks"] == 0 and "consistency" not in self.gan.loss.model_fields_set:
-                # Eq. 11 shapes the generator's intermediate features for stage 2's second stream
-                # only; with no block training it costs teacher passes and buys nothing
-                self.gan.loss.consistency = 0.0
+        if self.blocks.budget.steps == 1 and "consistency" not in self.gan.loss.model_fields_set:
+            # Eq. 11 shapes the generator's intermediate features for stage 2's second stream only;
+            # with no block training (a zero share, or a one-step budget) it costs teacher passes and
+            # buys nothing
+            self.gan.loss.consistency = 0.0
         return self
 
     def stage_shares(self) -> dict[str, float]:

@@ -24,6 +24,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from dfka.cli.teachers import _zoo
+    from dfka.pipeline_config import ExperimentConfig
     from dfka.pipeline_runner import run_local
     from dfka.stack import stack_up
 
@@ -34,7 +35,9 @@ def _demo(args: argparse.Namespace) -> int:
     print(
         f"stack: S3 {info.s3_endpoint}  MLflow {info.mlflow_uri}  (started: {', '.join(info.started) or 'none'})"
     )
-    _zoo(argparse.Namespace(config=args.teachers, force=False, threads=args.threads))
+    # teachers train at the stages' thread setting (the experiment's pipeline.threads), not all cores
+    threads = args.threads or ExperimentConfig.load(args.config).pipeline.threads
+    _zoo(argparse.Namespace(config=args.teachers, force=False, threads=threads))
     teachers_seconds = time.perf_counter() - started
     run_local(args.config)  # prints the results table, wall-clock per stage, MLflow/model/bucket links
     print(
