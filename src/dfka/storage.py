@@ -3,8 +3,8 @@
 Stages exchange bundles and checkpoints through here, so a laptop (local paths or the SeaweedFS started by
 ``dfka stack up``) and a cluster (the Kubeflow object store) run the same code. Every S3 write stores the
 sha256 of the content as ``x-amz-meta-sha256`` and every read checks it, so a truncated or tampered object
-fails loudly instead of poisoning a run. Transient errors are retried here (urllib3 retries are off, so one
-loop with one policy is in charge); errors that retrying cannot fix fail at once.
+fails loudly instead of poisoning a run. Transient errors are retried here, by tenacity around the whole
+operation (urllib3 retries are off, so one policy is in charge); errors that retrying cannot fix fail at once.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 from urllib.parse import urlparse
 
+import tenacity
 import urllib3
 from minio import Minio
 from minio.deleteobjects import DeleteObject
@@ -178,29 +179,45 @@ def _storage_error(t: _Target, err: BaseException, attempts: int) -> StorageErro
 
 
 def _call(t: _Target, what: str, fn: Callable[[], T]) -> T:
-    """Run ``fn`` with the retry policy; turn every failure into a StorageError without secrets."""
+    """Run ``fn`` with the retry policy (tenacity); turn every failure into a StorageError without secrets.
+
+    Transient errors are retried up to ``policy.retries`` times; retries ride out an outage (refused
+    connections fail fast), while the time spent *waiting on the endpoint* is bounded separately, so
+    one that accepts connections and never answers fails in ``DFKA_NETWORK_TIMEOUT``.
+    """
     policy = retry_policy or RetryPolicy()
-    # retries ride out an outage (refused connections fail fast); time spent *waiting on the endpoint*
-    # is bounded separately, so one that accepts connections and never answers fails in the timeout
-    limit, waited = network_timeout(), 0.0
-    attempt = 0
-    while True:
+    limit, waited = network_timeout(), [0.0]
+
+    def timed() -> T:
         started = time.monotonic()
         try:
             return fn()
-        except StorageError:
-            raise
-        except Exception as err:
-            waited += time.monotonic() - started
-            if not _is_transient(err) or attempt >= policy.retries or waited >= limit:
-                raise _storage_error(t, err, attempt + 1) from None
-            pause = policy.delay(attempt)
-            log.warning(
-                "%s %s on %s failed (%s); retry %d/%d in %.1fs",
-                what, t.uri, t.endpoint, type(err).__name__, attempt + 1, policy.retries, pause,
-            )  # fmt: skip
-            policy.sleep(pause)
-            attempt += 1
+        finally:
+            waited[0] += time.monotonic() - started
+
+    def warn(state: tenacity.RetryCallState) -> None:
+        log.warning(
+            "%s %s on %s failed (%s); retry %d/%d in %.1fs",
+            what, t.uri, t.endpoint, type(state.outcome.exception()).__name__, state.attempt_number,
+            policy.retries, state.upcoming_sleep,
+        )  # fmt: skip
+
+    retrying = tenacity.Retrying(
+        retry=tenacity.retry_if_exception(
+            lambda err: not isinstance(err, StorageError) and _is_transient(err)
+        ),
+        stop=tenacity.stop_after_attempt(policy.retries + 1) | (lambda _: waited[0] >= limit),
+        wait=lambda state: policy.delay(state.attempt_number - 1),
+        sleep=policy.sleep,
+        before_sleep=warn,
+        reraise=True,
+    )
+    try:
+        return retrying(timed)
+    except StorageError:
+        raise
+    except Exception as err:
+        raise _storage_error(t, err, retrying.statistics.get("attempt_number", 1)) from None
 
 
 def _ensure_bucket(t: _Target) -> None:
