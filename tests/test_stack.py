@@ -44,7 +44,7 @@ def _group(pgid: int) -> list[int]:
 
 
 def _listening(pids: list[int]) -> list[tuple[str, int]]:
-    """(address, port) of every listening TCP socket owned by ``pids``, from /proc (no psutil here)."""
+    """(address, port) of every listening TCP socket owned by ``pids``, read from /proc, independently of the psutil the stack code uses."""
     inodes = set()
     for pid in pids:
         for fd in Path(f"/proc/{pid}/fd").iterdir():

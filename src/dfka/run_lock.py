@@ -7,7 +7,7 @@ proceeds at once after it died. The lock file names the holder (pid, host, start
 
 What a killed runner can leave behind is its stage processes (kfp.local starts each stage as a child;
 SIGKILL of the runner does not reach them). Every stage inherits the run id in its environment, so the
-next runner of that id finds them in ``/proc`` and stops them before it resumes, instead of racing them
+next runner of that id finds them (psutil) and stops them before it resumes, instead of racing them
 over the same checkpoints.
 """
 
@@ -25,6 +25,8 @@ import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
+
+import psutil
 
 from dfka.errors import DfkaError
 
@@ -87,41 +89,41 @@ def _holder(path: Path) -> str:
 
 def processes_with_env(name: str, value: str) -> list[int]:
     """Live processes of this user (other than this one) whose environment has ``name=value``."""
-    needle = f"{name}={value}".encode()
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+    for proc in psutil.process_iter():
+        if proc.pid == os.getpid():
             continue
         try:
-            env = (entry / "environ").read_bytes()
-        except OSError:  # gone, or another user's
+            if proc.environ().get(name) == value and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc.pid)
+        except psutil.Error:  # gone, or another user's
             continue
-        if needle in env.split(b"\0"):
-            found.append(int(entry.name))
     return found
 
 
 def stop_processes(pids: list[int], grace: float = STOP_GRACE_SECONDS) -> None:
-    """SIGTERM, then SIGKILL whatever is still alive after ``grace`` seconds."""
+    """SIGTERM, then SIGKILL whatever is still alive after ``grace`` seconds (a zombie has exited)."""
+    procs = []
     for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            proc.terminate()
+            procs.append(proc)
+    # polled, not psutil.wait_procs: that reaps a child, and a caller that started it would lose its status
     deadline = time.monotonic() + grace
-    alive = list(pids)
-    while alive and time.monotonic() < deadline:
+    while procs and time.monotonic() < deadline:
         time.sleep(0.1)
-        alive = [p for p in alive if _alive(p)]
-    for pid in alive:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+        procs = [p for p in procs if _running(p)]
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
 
 
-def _alive(pid: int) -> bool:
+def _running(proc: psutil.Process) -> bool:
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE  # a zombie has exited
+    except psutil.Error:
         return False
-    return stat.rsplit(")", 1)[-1].split()[0] != "Z"  # a zombie has exited
 
 
 def stop_leftovers(env_name: str, run_id: str) -> list[int]:

@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+import psutil
+
 from dfka import storage
 from dfka.errors import StackError
 from dfka.settings import default_bucket, dfka_home, read_env_file
@@ -226,16 +228,15 @@ def _alive(pid: int) -> bool:
     with contextlib.suppress(ChildProcessError):
         os.waitpid(pid, os.WNOHANG)
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+        return psutil.Process(pid).status() not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
+    except psutil.Error:
         return False
-    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def _cmdline(pid: int) -> list[str]:
     try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
-    except OSError:
+        return psutil.Process(pid).cmdline()
+    except psutil.Error:
         return []
 
 
@@ -342,45 +343,29 @@ def _check_ports(ports: list[int], what: str) -> None:
 
 
 def _listener(port: int) -> int | None:
-    """The pid listening on TCP ``port`` (Linux ``/proc``; this user's processes only), if found."""
-    inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            if len(fields) > 9 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
-                inodes.add(f"socket:[{fields[9]}]")
-    if not inodes:
+    """The pid listening on TCP ``port`` (this user's processes only, where the OS hides others'), if found."""
+    try:
+        connections = psutil.net_connections(kind="tcp")
+    except psutil.Error:  # not allowed to list them here: the caller names the port without a pid
         return None
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            if any(os.readlink(fd) in inodes for fd in (proc / "fd").iterdir()):
-                return int(proc.name)
-        except OSError:
-            continue
-    return None
+    return next(
+        (c.pid for c in connections if c.status == psutil.CONN_LISTEN and c.laddr.port == port and c.pid),
+        None,
+    )
 
 
 def _stack_home_of(pid: int) -> Path | None:
     """The DFKA_HOME of a dfka stack server (its data paths are under ``<home>/stack/``), else None.
     The listener may be a worker of the server (MLflow's uvicorn): its parents are checked too."""
-    for _ in range(4):
-        for arg in _cmdline(pid):
+    try:
+        chain = [psutil.Process(pid), *psutil.Process(pid).parents()[:3]]
+    except psutil.Error:
+        return None
+    for proc in chain:
+        for arg in _cmdline(proc.pid):
             for prefix, suffix in (("-dir=", "/stack/seaweed"), ("sqlite:///", "/stack/mlflow.db")):
                 if arg.startswith(prefix) and arg.endswith(suffix):
                     return Path(arg[len(prefix) : -len(suffix)])
-        try:
-            status = Path(f"/proc/{pid}/status").read_text()
-            pid = int(next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:")))
-        except (OSError, StopIteration, ValueError):
-            return None
-        if pid <= 1:
-            return None
     return None
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import tempfile
 import time
 from dataclasses import dataclass
@@ -167,12 +166,12 @@ def stage_checkpoints(
 
 
 def process_age() -> float | None:
-    """Seconds since this process started (interpreter start and imports included); Linux only."""
+    """Seconds since this process started (interpreter start and imports included)."""
+    import psutil
+
     try:
-        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
-        uptime = float(Path("/proc/uptime").read_text().split()[0])
-        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
-    except (OSError, ValueError, IndexError):
+        return time.time() - psutil.Process().create_time()
+    except psutil.Error:
         return None
 
 
