@@ -19,12 +19,12 @@ from dfka.amalgamation.union import UnionRule
 from dfka.baselines import TeacherEnsemble
 from dfka.bench import DATA_FREE, METHODS, WITH_DATA, available_benchmarks, load_benchmark, parse_benchmark
 from dfka.bench import jobs as jobs_module
-from dfka.bench.evaluate import build_eval_set, evaluate_model, evaluate_teachers
 from dfka.bench.report import update_readme, write_report
 from dfka.bench.results import add_run, open_results, record_run, save_results
 from dfka.bench.runner import run_benchmark
 from dfka.data import mnist_available
 from dfka.errors import ConfigError, DataFreeViolation
+from dfka.evaluation import build_eval_set, evaluate_model, evaluate_teachers
 from tests.toys import toy_batch, toy_teacher
 
 DIGITS = {

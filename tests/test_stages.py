@@ -249,6 +249,28 @@ def test_evaluate_scores_teachers_ensemble_and_targetnet(tmp_path: Path, mnist_t
         direct = float((lo(x).argmax(1) == y).float().mean())
     assert m["test.teacher.lo.acc"] == pytest.approx(direct, abs=1e-6)
     assert m["test.teacher.lo.acc"] > 0.8  # a real teacher, even after 80 steps
+
+    # the benchmarks score the same TargetNet, ensemble and teachers identically (dfka.evaluation)
+    from dfka.amalgamation.regroup import load_targetnet
+    from dfka.bench.evaluate import load_eval_set
+    from dfka.evaluation import evaluate_model, evaluate_teachers
+    from dfka.stages._common import load_teacher_set
+
+    teacher_set = load_teacher_set(ts, device="cpu")
+    bench_set = load_eval_set("mnist", teacher_set.teachers, "multiclass")
+    target = load_targetnet(net)[0].eval()
+    bench = {f"student.{k}": v for k, v in evaluate_model(target, bench_set)[0].items()}
+    ensemble = evaluate_model(
+        lambda x: teacher_set.union({n: t(x) for n, t in teacher_set.teachers}), bench_set
+    )
+    bench |= {f"ensemble.{k}": v for k, v in ensemble[0].items()}
+    bench |= evaluate_teachers(teacher_set.teachers, bench_set)
+    pairs = {"test.student.acc": "student.union_acc", "test.ensemble.acc": "ensemble.union_acc"}
+    for name in ("lo", "hi"):
+        pairs[f"test.teacher.{name}.acc"] = f"teacher_acc.{name}"
+        pairs[f"test.student.task.{name}.acc"] = f"student.acc.{name}"
+        pairs[f"test.ensemble.task.{name}.acc"] = f"ensemble.acc.{name}"
+    assert {k: m[k] for k in pairs} == pytest.approx({k: bench[v] for k, v in pairs.items()}, abs=1e-12)
     confusion = result["confusion"]
     assert confusion["labels"][0] == "digit_0" and sum(map(sum, confusion["matrix"])) == 10000
     assert "TargetNet (lenet5:0.25)" in result["markdown"] and "teacher ensemble" in result["markdown"]

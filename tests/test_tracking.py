@@ -103,7 +103,7 @@ def test_params_are_flattened_redacted_and_truncated(monkeypatch):
     assert cleaned["db_password"] == cleaned["copy"] == cleaned["auth.api_token"] == "***"
     assert cleaned["url"] == "http://u:***@host"
     assert len(cleaned["long"]) == 6000
-    assert "empty" not in cleaned and "unset" not in cleaned  # unset is no param, not the word None
+    assert cleaned["empty"] == cleaned["unset"] == ""  # unset is no value, not the word None
     assert all(FAKE_SECRET not in v for v in cleaned.values())
     assert flatten([{"a": 1}]) == {"0.a": 1} and flatten({"t": [{"a": 1}, 2]}) == {"t.0.a": 1, "t.1": 2}
 

@@ -141,24 +141,23 @@ def _nested(value: Any) -> bool:
     return isinstance(value, Mapping | list | tuple) or hasattr(value, "model_dump")
 
 
-def param_text(value: Any) -> str | None:
+def param_text(value: Any) -> str:
     """How a flattened value reads as a param: lists as JSON (``["digit_0", "digit_1"]``); ``None`` and
-    empty mappings give ``None`` (not logged: "unset" is the absence of the param, not the word None)."""
+    empty mappings as the empty string (unset is no value, not the word None; the key stays, so every
+    run of a kind has the same param keys and a comparison lines them up)."""
     if value is None or (isinstance(value, Mapping) and not value):
-        return None
+        return ""
     if isinstance(value, list | tuple):
         return json.dumps(list(value), default=str)
     return str(value)
 
 
 def clean_params(params: Mapping[str, Any]) -> dict[str, str]:
-    """Flatten, stringify, drop unset values, redact secrets and truncate to MLflow's limits."""
+    """Flatten, stringify (unset values as ""), redact secrets and truncate to MLflow's limits."""
     secrets = {v for k in SECRET_ENV_KEYS if (v := os.environ.get(k))}
     cleaned = {}
     for key, value in flatten(dict(params)).items():
         text = param_text(value)
-        if text is None:
-            continue
         if any(word in key.lower() for word in SECRET_KEY_WORDS) or text in secrets:
             text = REDACTED
         cleaned[key[:MAX_KEY]] = redact(text)[:MAX_PARAM]

@@ -36,15 +36,13 @@ from dfka.bench.config import DATA_FREE, WITH_DATA, BenchmarkConfig
 from dfka.bench.evaluate import (
     PROBE_IMAGES,
     PROBE_POINTS,
-    EvalSet,
     agreement,
-    evaluate_model,
-    evaluate_teachers,
     load_eval_set,
     probe_score,
 )
 from dfka.bundles import TeacherBundle, load_bundle
 from dfka.data.guard import data_free
+from dfka.evaluation import EvalSet, evaluate_model, evaluate_teachers
 from dfka.models import count_flops, count_params
 from dfka.runtime import pick_device, set_threads
 

@@ -118,7 +118,8 @@ def eval_dataset(bundles, dataset: str | None) -> str:
 def evaluate_on_test(result, bundles, dataset: str | None, folder=None) -> dict[str, float]:
     """TargetNet, teacher ensemble and each teacher on the real test split, or on a user's folder test
     set (``folder``, from :func:`dfka.data.folder.open_folder`): union and sub-tasks."""
-    from dfka.bench.evaluate import evaluate_folder, evaluate_model, evaluate_teachers, load_eval_set
+    from dfka.bench.evaluate import load_eval_set
+    from dfka.evaluation import evaluate_folder, evaluate_model, evaluate_teachers
 
     teachers, union = result.teachers.cpu(), result.union.cpu()
     if folder is not None:

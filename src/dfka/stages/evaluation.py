@@ -21,7 +21,7 @@ from dfka.amalgamation.regroup import load_targetnet
 from dfka.data import load_split
 from dfka.data.folder import ImageFolderSet, is_folder_spec, open_folder
 from dfka.errors import ConfigError
-from dfka.evaluation import confusion_matrix, mean_average_precision, score
+from dfka.evaluation import build_eval_set, confusion_matrix, score, score_subtasks, score_teachers
 from dfka.models import count_flops, count_params
 from dfka.stages import report as reports
 from dfka.stages._common import ensure_dir, finish, load_teacher_set, samples_location, scratch
@@ -57,20 +57,6 @@ def _predict_folder(
             logits[name].append(model(images).float().cpu())
         targets.append(labels)
     return torch.cat(student), {k: torch.cat(v) for k, v in logits.items()}, torch.cat(targets)
-
-
-def _subtask(scores: torch.Tensor, y: torch.Tensor, cols: list[int], pos: list[int], task: str) -> float:
-    """Accuracy (argmax restricted to the teacher's labels, on images of those labels) or mAP on them."""
-    if task == "multiclass":
-        size = max([*pos, int(y.max()) if len(y) else 0]) + 1
-        lookup = torch.full((size,), -1, dtype=torch.long)
-        lookup[torch.tensor(pos)] = torch.arange(len(pos))
-        local = lookup[y]
-        mask = local >= 0
-        if not mask.any():
-            return float("nan")
-        return float((scores[mask][:, cols].argmax(1) == local[mask]).float().mean())
-    return mean_average_precision(scores[:, cols], y[:, pos])
 
 
 def evaluate(
@@ -143,16 +129,14 @@ def evaluate(
                 "tasks": {},
             },
         }
-        for name, info in ts.teachers.infos.items():
-            pos, sel = list(info.pos), list(info.sel)
-            own = _subtask(teacher_logits[name], y, sel, pos, task)
-            metrics[f"test.teacher.{name}.{key}"] = own
-            metrics[f"test.student.task.{name}.{key}"] = results["student"]["tasks"][name] = _subtask(
-                student, y, pos, pos, task
-            )
-            metrics[f"test.ensemble.task.{name}.{key}"] = results["ensemble"]["tasks"][name] = _subtask(
-                ensemble, y, pos, pos, task
-            )
+        ev = build_eval_set(None, y, labels, task, ts.teachers)  # the benchmarks' sub-tasks, same code
+        tasks = {"student": score_subtasks(student, ev), "ensemble": score_subtasks(ensemble, ev)}
+        owns = score_teachers(teacher_logits, ev)
+        for name in ts.teachers.infos:
+            own = metrics[f"test.teacher.{name}.{key}"] = owns[f"teacher_{key}.{name}"]
+            for who in ("student", "ensemble"):
+                value = tasks[who][f"{key}.{name}"]
+                metrics[f"test.{who}.task.{name}.{key}"] = results[who]["tasks"][name] = value
             t = report["teachers"][name]
             results["teachers"][name] = {"params": t["params"], "flops": t["flops"], "own": own}
         results["student"]["union"] = metrics[f"test.student.{key}"]
