@@ -8,7 +8,7 @@ placement, images, retries and root of an experiment config's ``pipeline:`` sect
 ``dfka pipeline compile`` (the committed ``pipelines/dfka_pipeline.yaml`` must match it).
 
 On a cluster every stage gets the object-store credentials from the Secret ``mlpipeline-minio-artifact``
-and the MLflow URI, S3 endpoint and bucket from the ConfigMap ``dfka-pipeline-config`` (both as env
+and the MLflow URIs, S3 endpoint and bucket from the ConfigMap ``dfka-pipeline-config`` (both as env
 vars, never values in this file), and the KFP run id from its pod label ``pipeline/runid``. The GPU
 stages (1, 2, 3) request accelerators on the GPU pool and retry after a preemption; the CPU-only stages
 (ingestion, export, evaluation) have no GPU toleration, so they stay off the tainted GPU nodes.
@@ -28,7 +28,13 @@ from components import (
 )
 from dfka.amalgamation.config import AmalgamationConfig
 from dfka.pipeline_config import DEMO_TEACHERS, PipelineSettings
-from dfka.settings import CHECKPOINT_EVERY_ENV, PIPELINE_CONFIG_KEYS, RUN_ID_ENV, S3_SECRET_TO_ENV
+from dfka.settings import (
+    CHECKPOINT_EVERY_ENV,
+    PIPELINE_CONFIG_KEYS,
+    PIPELINE_CONFIG_OPTIONAL_KEYS,
+    RUN_ID_ENV,
+    S3_SECRET_TO_ENV,
+)
 
 #: The pod label that carries the KFP run id (read through the downward API).
 RUN_ID_FIELD = "metadata.labels['pipeline/runid']"
@@ -42,6 +48,8 @@ def build(settings: PipelineSettings | None = None) -> GraphComponent:
     @dsl.pipeline(
         name=s.name,
         description="Data-free knowledge amalgamation (Group-Stack Dual-GAN): teachers in, TargetNet out.",
+        # None unless a config sets one: no defaultPipelineRoot in the YAML, so the KFP driver takes
+        # the kfp-launcher defaultPipelineRoot of the run's namespace (k8s/README.md, "Pipeline root").
         pipeline_root=s.pipeline_root,
     )
     def dfka_pipeline(
@@ -107,6 +115,13 @@ def environment(s: PipelineSettings, task: PipelineTask, data_free: bool) -> Pip
     kubernetes.use_secret_as_env(task, secret_name=s.s3_secret, secret_key_to_env=dict(S3_SECRET_TO_ENV))
     kubernetes.use_config_map_as_env(
         task, config_map_name=s.config_map, config_map_key_to_env={k: k for k in PIPELINE_CONFIG_KEYS}
+    )
+    # optional keys: a ConfigMap applied before a key existed must not stop the pod from starting
+    kubernetes.use_config_map_as_env(
+        task,
+        config_map_name=s.config_map,
+        config_map_key_to_env={k: k for k in PIPELINE_CONFIG_OPTIONAL_KEYS},
+        optional=True,
     )
     kubernetes.use_field_path_as_env(task, env_name=RUN_ID_ENV, field_path=RUN_ID_FIELD)
     if data_free:

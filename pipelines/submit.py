@@ -84,6 +84,8 @@ def run_request(
         "pipeline_spec": {k: v for k, v in loaded.items() if v is not None},
         "runtime_config": {"parameters": check_parameters(spec, params)},
     }
+    # What the KFP UI sends too (frontend NewRunV2.tsx): no root means the KFP driver falls back to
+    # the namespace's kfp-launcher defaultPipelineRoot (backend/src/v2/driver, RootDAG).
     root = pipeline_root or spec.get("defaultPipelineRoot")
     if root:
         body["runtime_config"]["pipeline_root"] = root
@@ -173,7 +175,11 @@ def main(argv: list | None = None) -> int:
     parser.add_argument("--config", help="take the run parameters from this experiment config")
     parser.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", help="a run parameter")
     parser.add_argument("--namespace", help="KFP namespace (multi-user: your profile namespace)")
-    parser.add_argument("--pipeline-root", help="default: the package's (s3://dfka/pipeline-root)")
+    parser.add_argument(
+        "--pipeline-root",
+        help="override the root for this run; default: the package's defaultPipelineRoot if it has one, "
+        "else the kfp-launcher defaultPipelineRoot of the run's namespace",
+    )
     parser.add_argument("--service-account", help="e.g. dfka-pipeline-runner (k8s/base/pipeline-rbac.yaml)")
     parser.add_argument("--token", help="bearer token for an authenticated KFP endpoint (or DFKA_KFP_TOKEN)")
     parser.add_argument("--dry-run", action="store_true", help="print the run request instead of sending it")

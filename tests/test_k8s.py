@@ -28,19 +28,25 @@ from dfka.cluster import (
 )
 from dfka.placement import DEFAULT_GPU_PLACEMENT, GPU_POOL_LABEL_KEY, GPU_POOL_LABEL_VALUE, GPU_RESOURCE
 from dfka.settings import (
+    KFP_LAUNCHER_CONFIGMAP,
+    MLFLOW_EXTERNAL_URL_ENV,
     MLFLOW_PORT,
     MLFLOW_SERVICE,
     PIPELINE_CONFIG_KEYS,
+    PIPELINE_CONFIG_OPTIONAL_KEYS,
     PIPELINE_CONFIGMAP,
     PIPELINE_SERVICE_ACCOUNT,
     S3_SECRET,
     S3_SECRET_KEYS,
+    mlflow_browser_url,
 )
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S = ROOT / "k8s"
 OVERLAYS = sorted(p.name for p in (K8S / "overlays").iterdir() if (p / "kustomization.yaml").is_file())
-EXAMPLE_MANIFESTS = sorted((K8S / "examples").rglob("*.yaml"))
+#: Kubernetes objects under examples/ (a kustomization.yaml there is a kustomize Component, not one)
+EXAMPLE_MANIFESTS = sorted(p for p in (K8S / "examples").rglob("*.yaml") if p.name != "kustomization.yaml")
+UI_COMPONENT = K8S / "examples" / "ml-pipeline-ui-standalone"
 VERSIONS = [f"{major}.{minor}.0" for major, minor in SUPPORTED_K8S]  # oldest, newest
 WORKLOAD_KINDS = ("Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob")
 #: The overlay's own namespace-independent objects that it may reference without creating.
@@ -578,6 +584,321 @@ def test_cloud_gpu_pool_examples_match_the_placement(cloud: str) -> None:
     else:
         assert f"--node-labels={label}" in text or f"--labels {label}" in text
     assert "dfka cluster doctor --node-selector" in text
+
+
+# ---------------------------------------------------------------------------------------------
+# pipeline root: the compiled YAML resolved by KFP's own rules against each overlay's kfp-launcher
+# ---------------------------------------------------------------------------------------------
+
+COMMITTED_PIPELINE = ROOT / "pipelines" / "dfka_pipeline.yaml"
+#: backend/src/v2/config/env.go: the root when neither the run nor kfp-launcher names one
+KFP_SERVER_DEFAULT_ROOT = "minio://mlpipeline/v2/artifacts"
+#: backend/src/v2/objectstore: DefaultMinioEndpointInMultiUserMode (env.go getDefaultMinioSessionInfo)
+KFP_DEFAULT_MINIO_ENDPOINT = "minio-service.kubeflow:9000"
+#: The fields KFP's Go structs have (env.go BucketProviders, s3.go S3ProviderConfig/S3ProviderDefault/
+#: S3Credentials/S3SecretRef). Go's JSON decoding ignores unknown keys, so a typo is silently dropped.
+PROVIDER_FIELDS = {
+    "providers": {"minio", "s3", "gs"},
+    "provider": {"default", "overrides"},
+    "default": {"endpoint", "credentials", "region", "disableSSL", "forcePathStyle", "maxRetries"},
+    "credentials": {"fromEnv", "secretRef"},
+    "secretRef": {"secretName", "accessKeyKey", "secretKeyKey"},
+}
+
+
+def _go_field(obj: dict[str, Any] | None, name: str) -> Any:
+    """encoding/json (behind sigs.k8s.io/yaml) matches struct fields case-insensitively."""
+    for key, value in (obj or {}).items():
+        if key.lower() == name.lower():
+            return value
+    return None
+
+
+def _go_bool(value: Any, field: str, default: bool) -> bool:
+    if value is None:
+        return default
+    assert isinstance(value, bool), f"{field}: {value!r} is not a YAML boolean (Go's unmarshal fails)"
+    return value
+
+
+def driver_pipeline_root(run_root: str | None, launcher: dict[str, str] | None) -> str:
+    """backend/src/v2/driver/driver.go, RootDAG: ``pipelineRoot := opts.RuntimeConfig.
+    GetGcsOutputDirectory()`` (the run's runtime_config.pipeline_root); when empty,
+    ``cfg.DefaultPipelineRoot()`` from ``config.FromConfigMap`` (the ConfigMap ``kfp-launcher`` in the
+    run's namespace; absent is not an error), which is env.go ``Config.DefaultPipelineRoot``: its
+    ``defaultPipelineRoot`` key, else ``minio://mlpipeline/v2/artifacts``. The spec's own
+    ``defaultPipelineRoot`` is not read here (nor by apiserver template/v2_template.go RunWorkflow)."""
+    if run_root:
+        return run_root
+    if not launcher or not launcher.get("defaultPipelineRoot"):
+        return KFP_SERVER_DEFAULT_ROOT
+    return launcher["defaultPipelineRoot"]
+
+
+def store_session_info(launcher: dict[str, str] | None, root: str) -> dict[str, Any]:
+    """env.go ``Config.GetStoreSessionInfo``: the root's scheme picks ``providers.minio|s3|gs``, then
+    minio.go ``MinioProviderConfig.ProvideSessionInfo`` (no entry and no query: KFP's built-in
+    minio-service session) or s3.go ``S3ProviderConfig.ProvideSessionInfo`` (no default and no
+    overrides, or a query string: ``fromEnv=true``, i.e. the AWS SDK's own endpoint and credential
+    chain; else the default's endpoint, region, disableSSL (false), forcePathStyle (true), maxRetries
+    (5) and, unless fromEnv, its secretRef)."""
+    parts = urlsplit(root)
+    raw = (launcher or {}).get("providers") or ""
+    providers = yaml.safe_load(raw) if raw else None
+    entry = _go_field(providers, parts.scheme)
+    no_entry = _go_field(entry, "default") is None and not _go_field(entry, "overrides")
+    if parts.scheme == "minio" and no_entry and not parts.query:
+        return {
+            "Provider": "minio",
+            "Params": {
+                "region": "minio",
+                "endpoint": KFP_DEFAULT_MINIO_ENDPOINT,
+                "disableSSL": "true",
+                "fromEnv": "false",
+                "maxRetries": "5",
+                "secretName": S3_SECRET,
+                "accessKeyKey": "accesskey",
+                "secretKeyKey": "secretkey",
+            },
+        }
+    if parts.scheme not in ("minio", "s3"):
+        pytest.fail(f"{root}: only minio:// and s3:// roots are modelled here")
+    default = _go_field(entry, "default")
+    if _go_field(entry, "overrides"):
+        pytest.fail("per-bucket overrides (s3.go getOverrideByPrefix) are not modelled here")
+    if default is None or parts.query:
+        return {"Provider": parts.scheme, "Params": {"fromEnv": "true"}}
+    credentials = _go_field(default, "credentials")
+    assert credentials is not None, "invalid provider config: missing default credentials (s3.go)"
+    params = {
+        "endpoint": _go_field(default, "endpoint") or "",
+        "region": _go_field(default, "region") or "",
+        "disableSSL": str(_go_bool(_go_field(default, "disableSSL"), "disableSSL", False)).lower(),
+        "forcePathStyle": str(_go_bool(_go_field(default, "forcePathStyle"), "forcePathStyle", True)).lower(),
+        "maxRetries": str(_go_field(default, "maxRetries") or 5),
+    }
+    from_env = _go_bool(_go_field(credentials, "fromEnv"), "fromEnv", False)
+    params["fromEnv"] = str(from_env).lower()
+    if not from_env:
+        ref = _go_field(credentials, "secretRef")
+        assert ref is not None, "fromEnv is false but secretRef is missing (s3.go dereferences it)"
+        for key in ("secretName", "accessKeyKey", "secretKeyKey"):
+            params[key] = _go_field(ref, key) or ""
+    return {"Provider": parts.scheme, "Params": params}
+
+
+def unknown_provider_keys(providers: Any) -> list[str]:
+    """Keys KFP's structs do not have (case-insensitive, as Go decodes them)."""
+    bad: list[str] = []
+
+    def check(obj: Any, kind: str, where: str) -> None:
+        if not isinstance(obj, dict):
+            return
+        allowed = {k.lower() for k in PROVIDER_FIELDS[kind]}
+        for key, value in obj.items():
+            path = f"{where}.{key}"
+            if key.lower() not in allowed:
+                bad.append(path)
+            elif kind == "providers":
+                check(value, "provider", path)
+            elif kind == "provider" and key.lower() == "default":
+                check(value, "default", path)
+            elif kind == "default" and key.lower() == "credentials":
+                check(value, "credentials", path)
+            elif kind == "credentials" and key.lower() == "secretref":
+                check(value, "secretRef", path)
+
+    check(providers, "providers", "providers")
+    return bad
+
+
+def compiled_spec() -> dict[str, Any]:
+    return next(d for d in yaml.safe_load_all(COMMITTED_PIPELINE.read_text()) if d and "root" in d)
+
+
+#: runtime_config.pipeline_root that each client sends for the committed YAML: the KFP UI copies the
+#: spec's defaultPipelineRoot into it (frontend NewRunV2.tsx, startRun: ``pipeline_root:
+#: clonedRuntimeConfig?.pipeline_root ?? spec.defaultPipelineRoot``); `kfp run create` and
+#: `dfka pipeline submit` without --pipeline-root send none (tests/test_pipeline_yaml.py records it).
+RUN_ROOT_BY_CLIENT = {
+    "ui-upload": lambda spec: spec.get("defaultPipelineRoot"),
+    "kfp-run-create": lambda spec: None,
+}
+
+
+def in_cluster_store(objs: list[dict[str, Any]], overlay: str, endpoint: str) -> None:
+    """``endpoint`` (host:port, as KFP's Go S3 client takes it) is the overlay's own object store."""
+    host, _, port = endpoint.rpartition(":")
+    assert host and port.isdigit(), f"{overlay}: endpoint {endpoint!r} is not host:port"
+    assert host.endswith(".svc.cluster.local") and "amazonaws" not in host, f"{overlay}: {endpoint}"
+    service, ns = host.split(".")[:2]
+    if overlay == "kubeflow":
+        assert (service, ns) == ("minio-service", "kubeflow"), endpoint  # Kubeflow's store alias
+        return
+    store = find(objs, "Service", service)
+    assert store["metadata"]["namespace"] == ns, f"{overlay}: {endpoint} names namespace {ns}"
+    assert int(port) in [p["port"] for p in store["spec"]["ports"]], f"{overlay}: {endpoint}"
+
+
+@pytest.mark.parametrize("client", sorted(RUN_ROOT_BY_CLIENT))
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_compiled_pipeline_root_resolves_to_the_overlays_store(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str, client: str
+) -> None:
+    """The committed YAML, run as uploaded, lands in the overlay's own store with the overlay's S3
+    secret, by KFP's rules (the functions above). The spec has no defaultPipelineRoot, so the run
+    takes its namespace's kfp-launcher defaultPipelineRoot, and its scheme's provider is in-cluster."""
+    objs = rendered[overlay]
+    launcher = find(objs, "ConfigMap", KFP_LAUNCHER_CONFIGMAP)["data"]
+    config = find(objs, "ConfigMap", PIPELINE_CONFIGMAP)["data"]
+    spec = compiled_spec()
+    root = driver_pipeline_root(RUN_ROOT_BY_CLIENT[client](spec), launcher)
+    assert root == launcher["defaultPipelineRoot"] == config["DFKA_PIPELINE_ROOT"]
+    assert urlsplit(root).netloc == config["DFKA_BUCKET"]
+
+    session = store_session_info(launcher, root)
+    params = session["Params"]
+    assert params["fromEnv"] == "false", f"{overlay}: {root} would use the AWS SDK's own endpoint"
+    in_cluster_store(objs, overlay, params["endpoint"])
+    stages_store = urlsplit(config["DFKA_S3_ENDPOINT"])  # what the dfka stages themselves use
+    assert params["endpoint"] == stages_store.netloc
+    assert params["disableSSL"] == str(stages_store.scheme == "http").lower()
+    assert params["forcePathStyle"] == "true"  # bucket in the path: no <bucket>.<service> DNS name
+    assert params["secretName"] == S3_SECRET
+    assert (params["accessKeyKey"], params["secretKeyKey"]) == S3_SECRET_KEYS
+    if ("Secret", S3_SECRET) not in EXTERNAL_REFS.get(overlay, set()):
+        secret = find(objs, "Secret", S3_SECRET)
+        assert set(S3_SECRET_KEYS) <= set(secret["data"])
+        assert secret["metadata"]["namespace"] == launcher_namespace(objs)
+
+
+def launcher_namespace(objs: list[dict[str, Any]]) -> str:
+    return find(objs, "ConfigMap", KFP_LAUNCHER_CONFIGMAP)["metadata"]["namespace"]
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kfp_launcher_config_is_what_kfp_parses(
+    rendered: dict[str, list[dict[str, Any]]], overlay: str
+) -> None:
+    """Same namespace as the runs (the driver reads it from there), only keys KFP knows, and the
+    pipeline runner may read it (base/pipeline-rbac.yaml)."""
+    objs = rendered[overlay]
+    launcher = find(objs, "ConfigMap", KFP_LAUNCHER_CONFIGMAP)
+    assert (
+        launcher["metadata"]["namespace"]
+        == find(objs, "ServiceAccount", PIPELINE_SERVICE_ACCOUNT)["metadata"]["namespace"]
+    )
+    assert set(launcher["data"]) == {"defaultPipelineRoot", "providers"}
+    assert isinstance(launcher["data"]["providers"], str)  # env.go unmarshals a YAML string
+    assert unknown_provider_keys(yaml.safe_load(launcher["data"]["providers"])) == []
+    role = find(objs, "Role", PIPELINE_SERVICE_ACCOUNT)
+    assert any(
+        "configmaps" in r["resources"] and KFP_LAUNCHER_CONFIGMAP in r.get("resourceNames", [])
+        for r in role["rules"]
+    )
+
+
+def test_the_resolution_rules_catch_a_root_that_reaches_aws(
+    rendered: dict[str, list[dict[str, Any]]],
+) -> None:
+    """What this module guards against: a compiled-in s3:// root (the old YAML) that the UI sends as
+    the run's root, in a namespace whose kfp-launcher has no providers.s3, goes to AWS; and a typo
+    in a provider key is ignored by Go, so it is caught here instead."""
+    kubeflow = find(rendered["kubeflow"], "ConfigMap", KFP_LAUNCHER_CONFIGMAP)["data"]
+    old_spec = {"defaultPipelineRoot": "s3://dfka/pipeline-root"}
+    root = driver_pipeline_root(RUN_ROOT_BY_CLIENT["ui-upload"](old_spec), kubeflow)
+    assert root == "s3://dfka/pipeline-root"
+    assert store_session_info(kubeflow, root) == {"Provider": "s3", "Params": {"fromEnv": "true"}}
+    assert driver_pipeline_root(None, None) == KFP_SERVER_DEFAULT_ROOT
+    assert (
+        store_session_info(None, KFP_SERVER_DEFAULT_ROOT)["Params"]["endpoint"] == KFP_DEFAULT_MINIO_ENDPOINT
+    )
+    typo = {
+        "s3": {"default": {"disableTLS": True, "credentials": {"fromenv": False}}}
+    }  # fromenv: Go matches it
+    assert unknown_provider_keys(typo) == ["providers.s3.default.disableTLS"]
+
+
+def test_standalone_launcher_endpoint_follows_the_namespace(k8s_copy: Path, tmp_path: Path) -> None:
+    """The overlay's replacement rewrites the endpoint inside the providers string, so a copy applied
+    to another namespace still resolves to its own SeaweedFS."""
+    copy = tmp_path / "k8s"
+    shutil.copytree(k8s_copy, copy)
+    kustomization = copy / "overlays" / "standalone" / "kustomization.yaml"
+    text = kustomization.read_text()
+    assert "\nnamespace: dfka\n" in text
+    kustomization.write_text(text.replace("\nnamespace: dfka\n", "\nnamespace: team-x\n"))
+    objs = render(copy / "overlays" / "standalone")
+    launcher = find(objs, "ConfigMap", KFP_LAUNCHER_CONFIGMAP)["data"]
+    session = store_session_info(launcher, driver_pipeline_root(None, launcher))
+    assert session["Params"]["endpoint"] == "seaweedfs.team-x.svc.cluster.local:8333"
+    in_cluster_store(objs, "standalone", session["Params"]["endpoint"])
+
+
+def test_ui_component_points_the_kfp_ui_at_the_standalone_store(
+    rendered: dict[str, list[dict[str, Any]]], tmp_path: Path
+) -> None:
+    """The admin Component, applied to a stand-in of KFP's ml-pipeline-ui Deployment, sets the env
+    KFP's frontend/server/configs.ts reads for s3:// artifacts, aimed at the standalone SeaweedFS
+    (a host on port 80, as AWS_SSL=false connects there), keys from a secret of our own name."""
+    stub = tmp_path / "kfp"
+    stub.mkdir()
+    (stub / "ui.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "metadata": {"name": "ml-pipeline-ui", "namespace": "kubeflow"},
+                "spec": {
+                    "selector": {"matchLabels": {"app": "ml-pipeline-ui"}},
+                    "template": {
+                        "metadata": {"labels": {"app": "ml-pipeline-ui"}},
+                        "spec": {
+                            "containers": [
+                                {
+                                    "name": "ml-pipeline-ui",
+                                    "image": "ghcr.io/kubeflow/kfp-frontend:2.15.0",
+                                    "env": [{"name": "MINIO_NAMESPACE", "value": "kubeflow"}],
+                                }
+                            ]
+                        },
+                    },
+                },
+            }
+        )
+    )
+    (stub / "kustomization.yaml").write_text(
+        yaml.safe_dump({"resources": ["ui.yaml"], "components": [os.path.relpath(UI_COMPONENT, stub)]})
+    )
+    (deployment,) = render(stub)
+    kubernetes_validate.validate(deployment, VERSIONS[-1], strict=True)
+    (container,) = containers(deployment)
+    env = {e["name"]: e for e in container["env"]}
+    assert env["MINIO_NAMESPACE"]["value"] == "kubeflow"  # KFP's own settings stay
+    store = find(rendered["standalone"], "Service", "seaweedfs")
+    host = env["AWS_S3_ENDPOINT"]["value"]
+    assert host == f"seaweedfs.{store['metadata']['namespace']}.svc.cluster.local" and ":" not in host
+    assert env["AWS_SSL"]["value"] == "false"
+    assert 80 in [p["port"] for p in store["spec"]["ports"]]
+    refs = {
+        env[k]["valueFrom"]["secretKeyRef"]["key"] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    }
+    assert refs == set(S3_SECRET_KEYS)
+    assert {
+        env[k]["valueFrom"]["secretKeyRef"]["name"] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+    } == {"dfka-s3-ui"}  # not KFP's mlpipeline-minio-artifact of namespace kubeflow
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_optional_pipeline_config_keys(rendered: dict[str, list[dict[str, Any]]], overlay: str) -> None:
+    """DFKA_MLFLOW_EXTERNAL_URL is present (empty by default: links show the tracking URI) and, if
+    filled in, a value mlflow_browser_url accepts."""
+    config = find(rendered[overlay], "ConfigMap", PIPELINE_CONFIGMAP)["data"]
+    assert set(PIPELINE_CONFIG_OPTIONAL_KEYS) <= set(config)
+    uri = config["MLFLOW_TRACKING_URI"]
+    assert mlflow_browser_url(uri, {MLFLOW_EXTERNAL_URL_ENV: config[MLFLOW_EXTERNAL_URL_ENV]}) == (
+        config[MLFLOW_EXTERNAL_URL_ENV].rstrip("/") or uri
+    )
 
 
 def test_readme_covers_the_admin_path() -> None:

@@ -17,6 +17,7 @@ from dfka.pipeline_config import (
     resolve_method_config,
 )
 from dfka.placement import DEFAULT_GPU_PLACEMENT
+from dfka.settings import MLFLOW_EXTERNAL_URL_ENV, mlflow_browser_url
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT_CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if p.name != "demo-teachers.yaml")
@@ -113,3 +114,33 @@ def test_target_labels_by_name_and_range() -> None:
 def test_config_hash_is_order_independent() -> None:
     assert config_hash({"a": 1, "b": [1, 2]}) == config_hash({"b": [1, 2], "a": 1})
     assert config_hash({"a": 1}) != config_hash({"a": 2})
+
+
+def test_no_pipeline_root_unless_a_config_sets_one() -> None:
+    """No root by default (the namespace's kfp-launcher decides); an empty one means the same."""
+    assert ExperimentConfig.parse({"teachers": ["a", "b"]}).pipeline.pipeline_root is None
+    empty = ExperimentConfig.parse({"teachers": ["a", "b"], "pipeline": {"pipeline_root": ""}})
+    assert empty.pipeline.pipeline_root is None
+    chosen = ExperimentConfig.parse({"teachers": ["a", "b"], "pipeline": {"pipeline_root": "minio://x/y"}})
+    assert chosen.pipeline.pipeline_root == "minio://x/y"
+
+
+def test_mlflow_browser_url() -> None:
+    in_cluster = "http://mlflow.kubeflow.svc.cluster.local:5000"
+    assert mlflow_browser_url(in_cluster, {}) == in_cluster
+    assert mlflow_browser_url(in_cluster, {MLFLOW_EXTERNAL_URL_ENV: "  "}) == in_cluster
+    external = {MLFLOW_EXTERNAL_URL_ENV: "https://mlflow.example.com/"}
+    assert mlflow_browser_url(in_cluster, external) == "https://mlflow.example.com"
+    proxied = {MLFLOW_EXTERNAL_URL_ENV: "https://kubeflow.example.com/mlflow"}  # behind a path prefix
+    assert mlflow_browser_url(in_cluster, proxied) == "https://kubeflow.example.com/mlflow"
+    for bad in ("mlflow.example.com", "ftp://mlflow.example.com", "https://x.example.com/?a=1"):
+        with pytest.raises(ConfigError, match=MLFLOW_EXTERNAL_URL_ENV) as err:
+            mlflow_browser_url(in_cluster, {MLFLOW_EXTERNAL_URL_ENV: bad})
+        assert "http://localhost:5000" in str(err.value)  # the message says how to fix it
+
+
+def test_mlflow_browser_url_reads_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MLFLOW_EXTERNAL_URL_ENV, "http://localhost:5000")
+    assert mlflow_browser_url("http://mlflow.dfka.svc.cluster.local:5000") == "http://localhost:5000"
+    monkeypatch.delenv(MLFLOW_EXTERNAL_URL_ENV)
+    assert mlflow_browser_url("http://127.0.0.1:5000") == "http://127.0.0.1:5000"

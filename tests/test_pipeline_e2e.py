@@ -58,6 +58,7 @@ def test_pipeline_end_to_end_on_kfp_local(stack_env, tmp_path: Path, monkeypatch
     )
     (tmp_path / "tmp").mkdir()
     monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))  # kfp.local leaves a temp folder per task
+    monkeypatch.setenv("DFKA_MLFLOW_EXTERNAL_URL", "https://mlflow.example.org/")  # what a browser opens
     summary_file = tmp_path / "summary.json"
     proc = subprocess.run(
         [
@@ -96,6 +97,8 @@ def test_pipeline_end_to_end_on_kfp_local(stack_env, tmp_path: Path, monkeypatch
     assert {"report.html", "results.md", "confusion.png", "samples_grid.png"} <= set(
         storage.listdir(f"{runs}/evaluate")
     )
+    table = storage.get_bytes(f"{runs}/evaluate/results.md").decode()
+    assert "- MLflow run: https://mlflow.example.org/#/experiments/" in table  # not the in-cluster URI
 
     # MLflow: one parent run, a child per stage, same param keys everywhere, metrics, artifacts
     from mlflow.tracking import MlflowClient

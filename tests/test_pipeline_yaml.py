@@ -28,7 +28,13 @@ from dfka.pipeline_config import (
     ExperimentConfig,
 )
 from dfka.placement import DEFAULT_CPU_PLACEMENT, DEFAULT_GPU_PLACEMENT, Toleration
-from dfka.settings import PIPELINE_CONFIG_KEYS, PIPELINE_CONFIGMAP, S3_SECRET, S3_SECRET_TO_ENV
+from dfka.settings import (
+    PIPELINE_CONFIG_KEYS,
+    PIPELINE_CONFIG_OPTIONAL_KEYS,
+    PIPELINE_CONFIGMAP,
+    S3_SECRET,
+    S3_SECRET_TO_ENV,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMITTED = ROOT / "pipelines" / "dfka_pipeline.yaml"
@@ -112,7 +118,8 @@ def test_stages_in_order_with_their_artifacts(compiled: Path) -> None:
     assert {"target_labels", "amalgamation", "seed", "samples", "experiment", "mlflow_tracking_uri"} <= set(
         params
     )
-    assert spec["defaultPipelineRoot"].startswith("s3://")
+    # no root compiled in: each run takes its namespace's kfp-launcher root (tests/test_k8s.py)
+    assert "defaultPipelineRoot" not in spec
 
 
 def test_gpu_placement_and_retries_on_training_stages_only(compiled: Path) -> None:
@@ -157,9 +164,13 @@ def test_every_stage_gets_secret_config_map_and_run_id(compiled: Path) -> None:
         (secret,) = platform[ex]["secretAsEnv"]
         assert secret["secretName"] == S3_SECRET
         assert {k["secretKey"]: k["envVar"] for k in secret["keyToEnv"]} == S3_SECRET_TO_ENV
-        (cm,) = platform[ex]["configMapAsEnv"]
-        assert cm["configMapName"] == PIPELINE_CONFIGMAP
-        assert {k["configMapKey"] for k in cm["keyToEnv"]} == set(PIPELINE_CONFIG_KEYS)
+        required, optional = platform[ex]["configMapAsEnv"]
+        assert required["configMapName"] == optional["configMapName"] == PIPELINE_CONFIGMAP
+        assert {k["configMapKey"] for k in required["keyToEnv"]} == set(PIPELINE_CONFIG_KEYS)
+        assert required["optional"] is False
+        # an older ConfigMap without these keys must not keep the pod from starting
+        assert {k["configMapKey"] for k in optional["keyToEnv"]} == set(PIPELINE_CONFIG_OPTIONAL_KEYS)
+        assert optional["optional"] is True
         assert platform[ex]["fieldPathAsEnv"] == [
             {"fieldPath": "metadata.labels['pipeline/runid']", "name": "DFKA_KFP_RUN_ID"}
         ]
@@ -178,6 +189,8 @@ def test_config_overrides_placement_and_parameter_defaults(tmp_path: Path) -> No
     assert platform[ex]["nodeSelector"]["labels"] == {"cloud.google.com/gke-nodepool": "gpu-pool"}
     params = spec["root"]["inputDefinitions"]["parameters"]
     assert params["experiment"]["defaultValue"] == "dfka-mnist"
+    # a root set in a config is still compiled in (a deliberate per-cluster YAML)
+    assert spec["defaultPipelineRoot"] == cfg.pipeline.pipeline_root
     assert params["target_labels"]["defaultValue"] == "digit_0..digit_9"
     assert params["amalgamation"]["defaultValue"]["gan"]["budget"]["steps"] == 4000
 
@@ -219,6 +232,9 @@ def test_cli_compile_reproduces_the_committed_yaml(tmp_path: Path) -> None:
 # ---------------------------------------------------------------- submission
 
 
+_CREATED = "2026-01-01T00:00:00Z"  # the kfp CLI prints it
+
+
 class _FakeKfp(BaseHTTPRequestHandler):
     """Just enough of /apis/v2beta1 for kfp.Client.create_run_from_pipeline_package; records requests."""
 
@@ -243,7 +259,9 @@ class _FakeKfp(BaseHTTPRequestHandler):
         elif self.path.startswith("/apis/v2beta1/experiments"):
             self._send({"experiments": [], "total_size": 0})
         elif self.path.startswith("/apis/v2beta1/runs/"):
-            self._send({"run_id": "run-123", "display_name": "dfka-test", "state": "PENDING"})
+            self._send(
+                {"run_id": "run-123", "display_name": "dfka-test", "state": "PENDING", "created_at": _CREATED}
+            )
         else:
             self._send({})
 
@@ -251,10 +269,17 @@ class _FakeKfp(BaseHTTPRequestHandler):
         body = self._body()
         self.records.append(("POST", self.path, body))
         if self.path.startswith("/apis/v2beta1/experiments"):
-            self._send({"experiment_id": "exp-1", "display_name": body.get("display_name")})
+            self._send(
+                {"experiment_id": "exp-1", "display_name": body.get("display_name"), "created_at": _CREATED}
+            )
         elif self.path.startswith("/apis/v2beta1/runs"):
             self._send(
-                {"run_id": "run-123", "display_name": body.get("display_name"), "experiment_id": "exp-1"}
+                {
+                    "run_id": "run-123",
+                    "display_name": body.get("display_name"),
+                    "experiment_id": "exp-1",
+                    "created_at": _CREATED,
+                }
             )
         else:
             self._send({})
@@ -301,6 +326,7 @@ def test_submit_sends_the_committed_spec(fake_kfp) -> None:
     assert run["pipeline_spec"]["pipeline_spec"] == spec
     assert run["pipeline_spec"]["platform_spec"] == platform
     assert run["runtime_config"]["parameters"] == params
+    assert "pipeline_root" not in run["runtime_config"]  # the namespace's kfp-launcher decides
     assert run["service_account"] == "dfka-pipeline-runner"
     assert ("POST", "/apis/v2beta1/experiments") in [(m, p) for m, p, _ in records]
 
@@ -325,6 +351,26 @@ def test_submit_checks_parameters_before_sending(fake_kfp) -> None:
         "parameters": {"seed": 1},
         "pipeline_root": "minio://dfka/pipeline-root",
     }
+    no_root = run_request(COMMITTED, params={}, experiment_id="e", run_name="r")
+    assert no_root["runtime_config"] == {"parameters": {}}
+
+
+def test_kfp_cli_run_create_sends_no_pipeline_root(fake_kfp) -> None:
+    """`kfp run create -f pipelines/dfka_pipeline.yaml` (the real kfp CLI) sends the spec without a
+    runtime pipeline_root, so the KFP driver uses the namespace's kfp-launcher defaultPipelineRoot;
+    tests/test_k8s.py resolves that against each overlay."""
+    host, records = fake_kfp
+    kfp_cli = Path(sys.executable).parent / "kfp"
+    proc = subprocess.run(
+        [str(kfp_cli), "--endpoint", host, "run", "create", "-e", "dfka-ci", "-r", "ci-run",
+         "-f", str(COMMITTED), "seed=1"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    (run,) = [body for method, path, body in records if method == "POST" and path == "/apis/v2beta1/runs"]
+    assert run["runtime_config"]["parameters"] == {"seed": 1}
+    assert not run["runtime_config"].get("pipeline_root")
+    assert "defaultPipelineRoot" not in run["pipeline_spec"]["pipeline_spec"]
 
 
 def test_submit_dry_run_from_the_cli(tmp_path: Path) -> None:

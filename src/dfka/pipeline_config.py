@@ -77,8 +77,12 @@ class PipelineSettings(_Strict):
     """How the pipeline runs: compile-time settings (cluster) and the local runner's."""
 
     name: str = Field("dfka", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
-    pipeline_root: str = Field(
-        "s3://dfka/pipeline-root", description="cluster pipeline root (DFKA_PIPELINE_ROOT of the ConfigMap)"
+    # No root by default: KFP's UI copies a compiled-in defaultPipelineRoot into each run's
+    # runtime_config, which then overrides the namespace's kfp-launcher (README "Compile").
+    pipeline_root: str | None = Field(
+        None,
+        description="a cluster pipeline root to compile in as defaultPipelineRoot; default none, so each "
+        "run takes the kfp-launcher defaultPipelineRoot of its namespace (k8s/overlays/*/kfp-launcher.yaml)",
     )
     local_root: str | None = Field(
         None, description="kfp.local output folder; default $DFKA_HOME/pipeline-runs"
@@ -109,7 +113,9 @@ class PipelineSettings(_Strict):
 
     @field_validator("pipeline_root")
     @classmethod
-    def _root(cls, v: str) -> str:
+    def _root(cls, v: str | None) -> str | None:
+        if not v:
+            return None
         if not v.startswith(("s3://", "minio://", "gs://")):
             raise ValueError("the cluster pipeline_root must be an object-store URI (s3://, minio://, gs://)")
         return v

@@ -3,20 +3,23 @@
 Everything is read from the environment first, so a cluster (KFP env vars, Kubernetes secrets) and a
 laptop (``$DFKA_HOME/stack.env`` written by ``dfka stack up``) configure dfka the same way.
 
-=========================  ==================================================================
-``DFKA_HOME``              local state: stack processes, credentials, offline metrics, bench teacher
-                           cache (``$XDG_STATE_HOME/dfka``, else ``~/.local/state/dfka``: per user, the
-                           same from every directory)
-``DFKA_DATA_DIR``          dataset cache (``~/.cache/dfka/data``)
-``DFKA_S3_ENDPOINT``       S3 endpoint URL, e.g. ``http://127.0.0.1:8333``
-``AWS_ACCESS_KEY_ID``      S3 access key
-``AWS_SECRET_ACCESS_KEY``  S3 secret key
-``DFKA_BUCKET``            default bucket for bundles and run outputs (``dfka``)
-``MLFLOW_TRACKING_URI``    MLflow tracking server
-``DFKA_NETWORK_TIMEOUT``   seconds before an unanswering S3, MLflow or KFP endpoint is an error (30)
-``DFKA_ARCH_MODULES``      module prefixes you trust, whose factories an ``arch: module:factory``
-                           spec may name (none: only built-ins and installed entry points)
-=========================  ==================================================================
+============================  ==================================================================
+``DFKA_HOME``                 local state: stack processes, credentials, offline metrics, bench teacher
+                              cache (``$XDG_STATE_HOME/dfka``, else ``~/.local/state/dfka``: per user, the
+                              same from every directory)
+``DFKA_DATA_DIR``             dataset cache (``~/.cache/dfka/data``)
+``DFKA_S3_ENDPOINT``          S3 endpoint URL, e.g. ``http://127.0.0.1:8333``
+``AWS_ACCESS_KEY_ID``         S3 access key
+``AWS_SECRET_ACCESS_KEY``     S3 secret key
+``DFKA_BUCKET``               default bucket for bundles and run outputs (``dfka``)
+``MLFLOW_TRACKING_URI``       MLflow tracking server
+``DFKA_MLFLOW_EXTERNAL_URL``  MLflow as a person's browser reaches it (an Ingress, or
+                              ``http://localhost:5000`` behind a port-forward), for the links in
+                              reports; unset: the tracking URI, which on a cluster is an in-cluster name
+``DFKA_NETWORK_TIMEOUT``      seconds before an unanswering S3, MLflow or KFP endpoint is an error (30)
+``DFKA_ARCH_MODULES``         module prefixes you trust, whose factories an ``arch: module:factory``
+                              spec may name (none: only built-ins and installed entry points)
+============================  ==================================================================
 
 The names other parts share (environment variables the pipeline sets on a stage, the Kubernetes
 resources the manifests create and the doctor checks) are defined here too, so the training core, the
@@ -26,7 +29,9 @@ stages, the pipeline and the cluster doctor agree on them without importing one 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import urlsplit
 
 # ---- environment variables the pipeline (or pipelines/run_local.py) sets on every stage ----
 #: The pipeline run id (see dfka.stages.context) and the git commit of the code that runs.
@@ -48,6 +53,13 @@ PIPELINE_SERVICE_ACCOUNT = "dfka-pipeline-runner"
 #: ConfigMap with the pipeline defaults (k8s/base/pipeline-config.yaml) and its keys.
 PIPELINE_CONFIGMAP = "dfka-pipeline-config"
 PIPELINE_CONFIG_KEYS = ("MLFLOW_TRACKING_URI", "DFKA_S3_ENDPOINT", "DFKA_BUCKET", "DFKA_PIPELINE_ROOT")
+#: The browser-facing MLflow URL for report links (see mlflow_browser_url).
+MLFLOW_EXTERNAL_URL_ENV = "DFKA_MLFLOW_EXTERNAL_URL"
+#: Keys of the same ConfigMap that may be absent or empty: mapped with optional=True, so a
+#: ConfigMap applied before the key existed does not stop the pods (CreateContainerConfigError).
+PIPELINE_CONFIG_OPTIONAL_KEYS = (MLFLOW_EXTERNAL_URL_ENV,)
+#: KFP's launcher config in the runs' namespace (defaultPipelineRoot, providers); k8s/overlays/*.
+KFP_LAUNCHER_CONFIGMAP = "kfp-launcher"
 #: S3 credentials: Kubeflow's secret name and keys, also created by the standalone overlay.
 S3_SECRET = "mlpipeline-minio-artifact"
 S3_SECRET_KEYS = ("accesskey", "secretkey")
@@ -121,6 +133,26 @@ def network_timeout() -> float:
             "set it to e.g. 30, or unset it",
         )
     return value
+
+
+def mlflow_browser_url(tracking_uri: str, environ: Mapping[str, str] | None = None) -> str:
+    """The MLflow base URL to put in links a person opens: ``DFKA_MLFLOW_EXTERNAL_URL`` when it is
+    set (trailing ``/`` removed), else ``tracking_uri`` itself. A cluster's tracking URI is an
+    in-cluster Service name that no browser resolves; the ConfigMap carries the external one."""
+    from dfka.errors import ConfigError
+
+    env = os.environ if environ is None else environ
+    external = env.get(MLFLOW_EXTERNAL_URL_ENV, "").strip()
+    if not external:
+        return tracking_uri
+    parts = urlsplit(external)
+    if parts.scheme not in ("http", "https") or not parts.netloc or parts.query or parts.fragment:
+        raise ConfigError(
+            f"{MLFLOW_EXTERNAL_URL_ENV}={external!r} is not an http(s) base URL",
+            "set it to the address your browser opens MLflow at, e.g. https://mlflow.example.com "
+            "or http://localhost:5000, or leave it empty to link the tracking URI",
+        )
+    return external.rstrip("/")
 
 
 def data_dir() -> Path:

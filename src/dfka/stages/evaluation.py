@@ -9,6 +9,7 @@ never a checkpoint picked on the test set.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,12 +24,15 @@ from dfka.data.folder import ImageFolderSet, is_folder_spec, open_folder
 from dfka.errors import ConfigError
 from dfka.evaluation import build_eval_set, confusion_matrix, score, score_subtasks, score_teachers
 from dfka.models import count_flops, count_params
+from dfka.settings import mlflow_browser_url
 from dfka.stages import report as reports
 from dfka.stages._common import ensure_dir, finish, load_teacher_set, samples_location, scratch
 from dfka.stages.context import TAG_COMMIT, TAG_RUN_ID, ParentRun, RunContext, run_url
 from dfka.stages.registry import TAG_DATASET, read_logged, register_evaluated
 from dfka.stages.training import GRID_FILE, _grid, _restore_routing
 from dfka.tracking import experiment_id
+
+log = logging.getLogger(__name__)
 
 STAGE = "evaluate"
 RESULTS_JSON = "results.json"
@@ -258,9 +262,14 @@ def _copy_grid(ts: Any, samples: str, local: Path) -> Path | None:
 def _links(ctx: RunContext) -> dict[str, str]:
     links: dict[str, str] = {}
     if ctx.track and ctx.tracking_uri and (parent := ctx.parent()) is not None:
+        try:  # a person opens the report: the browser-facing URL, not the in-cluster one
+            browser = mlflow_browser_url(ctx.tracking_uri)
+        except ConfigError as err:  # the evaluation is worth more than the link: warn, keep going
+            log.warning("%s (%s); the report links %s instead", err.problem, err.fix, ctx.tracking_uri)
+            browser = ctx.tracking_uri
         try:
             exp = experiment_id(parent.client, ctx.experiment)
-            links["MLflow run"] = run_url(ctx.tracking_uri, exp, parent.run_id)
+            links["MLflow run"] = run_url(browser, exp, parent.run_id)
         except Exception:  # a link is not worth failing for
             pass
     if (bucket_uri := ctx.publish_uri(STAGE)) is not None:
