@@ -23,7 +23,7 @@ import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from dfka.errors import StackError
 from dfka.settings import SECRET_ENV_KEYS, dfka_home, network_timeout, redact
@@ -165,6 +165,32 @@ def clean_params(params: Mapping[str, Any]) -> dict[str, str]:
 
 
 # ---------------------------------------------------------------- the tracker
+
+
+class TrackingRun(Protocol):
+    """What stages, the benchmarks and training loops need of a run: :class:`Tracker` (online or
+    offline) and ``dfka.stages.context.NullTracker`` (tracking off) both are one. Also a training
+    callback: ``train(..., on_metrics=run)``."""
+
+    @property
+    def run_id(self) -> str | None: ...
+
+    @property
+    def offline(self) -> bool: ...
+
+    def __call__(self, metrics: Mapping[str, Any], step: int) -> None: ...
+
+    def log_params(self, params: Mapping[str, Any]) -> None: ...
+
+    def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None: ...
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None: ...
+
+    def log_artifact(self, local_path: str | os.PathLike[str], artifact_path: str | None = None) -> None: ...
+
+    def log_text(self, text: str, artifact_file: str) -> None: ...
+
+    def log_dict(self, obj: Any, artifact_file: str) -> None: ...
 
 
 class Tracker:

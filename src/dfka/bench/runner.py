@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dfka.bench.config import KIND, METHODS, BenchmarkConfig, load_benchmark, parse_benchmark
 from dfka.bench.jobs import JobResult, JobSpec, ensemble_result, prepare_teachers, reference_metrics, run_job
@@ -32,6 +32,9 @@ from dfka.bench.report import write_benchmark_outputs
 from dfka.bench.results import open_results, record_run
 from dfka.errors import ConfigError, DfkaError
 from dfka.runtime import env_var
+
+if TYPE_CHECKING:
+    from dfka.tracking import Tracker
 
 log = logging.getLogger(__name__)
 DEFAULT_OUT = "benchmarks/results"
@@ -244,7 +247,7 @@ def _run_record(result: JobResult, machine: dict[str, Any]) -> dict[str, Any]:
 # --- MLflow -----------------------------------------------------------------------------------------------
 
 
-def _start_tracker(cfg: BenchmarkConfig, machine: dict[str, Any], experiment: str) -> Any:
+def _start_tracker(cfg: BenchmarkConfig, machine: dict[str, Any], experiment: str) -> Tracker:
     from dfka.tracking import Tracker
 
     tracker = Tracker.start(
@@ -261,7 +264,7 @@ def _start_tracker(cfg: BenchmarkConfig, machine: dict[str, Any], experiment: st
     return tracker
 
 
-def _child(tracker: Any, spec: JobSpec) -> Any:
+def _child(tracker: Tracker | None, spec: JobSpec) -> Tracker | None:
     if tracker is None:
         return None
     return tracker.child(
@@ -271,8 +274,8 @@ def _child(tracker: Any, spec: JobSpec) -> Any:
 
 
 def _log_child(
-    tracker: Any,
-    child: Any,
+    tracker: Tracker | None,
+    child: Tracker | None,
     cfg: BenchmarkConfig,
     result: JobResult,
     reference: dict[str, Any],

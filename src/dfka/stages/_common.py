@@ -15,14 +15,16 @@ import torch
 from dfka import storage
 from dfka.amalgamation.config import AmalgamationConfig
 from dfka.amalgamation.run import StageReport, teacher_set_from_bundles
+from dfka.amalgamation.samples import read_manifest
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule
 from dfka.bundles import TeacherBundle, load_bundle
 from dfka.checkpoint import Checkpoints
 from dfka.errors import BundleError
 from dfka.runtime import pick_device, set_threads
-from dfka.stages.context import TAG_OUTPUTS, NullTracker, RunContext
-from dfka.tracking import Tracker
+from dfka.stages import report as reports
+from dfka.stages.context import TAG_OUTPUTS, RunContext
+from dfka.tracking import TrackingRun
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +115,7 @@ def finish(
     stage: str,
     out: str,
     ctx: RunContext | None,
-    tracker: Tracker | NullTracker,
+    tracker: TrackingRun,
     result: dict[str, Any],
     started: float,
 ) -> dict[str, Any]:
@@ -186,3 +188,39 @@ def publish_dir(out: str, dest: str) -> None:
 
 def scratch() -> tempfile.TemporaryDirectory[str]:
     return tempfile.TemporaryDirectory(prefix="dfka-stage-")
+
+
+# ---------------------------------------------------------------- what several stages show
+
+GRID_FILE = "samples_grid.png"
+
+
+def union_scores(ts: TeacherSetArtifact, logits: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.no_grad():
+        return ts.union({k: v.float().to(ts.device) for k, v in logits.items()}).cpu()
+
+
+def sample_grid_file(
+    ts: TeacherSetArtifact, images: torch.Tensor, logits: dict[str, torch.Tensor], out: str
+) -> Path:
+    """Write the sample grid into ``out`` (local) or a temp file that is then uploaded."""
+    scores = union_scores(ts, logits)
+    if not storage.is_s3(out):
+        return reports.sample_grid(images, scores, ts.teachers.target_labels, Path(out) / GRID_FILE)
+    with scratch() as tmp:
+        path = reports.sample_grid(images, scores, ts.teachers.target_labels, Path(tmp) / GRID_FILE)
+        storage.put_file(path, storage.join(out, GRID_FILE))
+    return Path(storage.join(out, GRID_FILE))
+
+
+def restore_routing(ts: TeacherSetArtifact, samples_uri: str) -> dict[str, Any]:
+    """Load the union's routing calibration the export stage fitted (if any); the manifest's extras."""
+    manifest = read_manifest(samples_uri)
+    if manifest.extra.get("routing"):
+        ts.union.load_calibration(manifest.extra["routing"])
+    return dict(manifest.extra)
+
+
+def log_grid(tracker: TrackingRun, grid: Path) -> None:
+    if grid.is_file():
+        tracker.log_artifact(grid, "samples")

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 
 from dfka import storage
 from dfka.settings import GIT_COMMIT_ENV, RUN_ID_ENV, default_bucket, redact
-from dfka.tracking import Tracker, clean_params, experiment_id, mlflow_client, probe
+from dfka.tracking import Tracker, TrackingRun, clean_params, experiment_id, mlflow_client, probe
 
 if TYPE_CHECKING:
     from mlflow.tracking import MlflowClient
@@ -136,9 +136,7 @@ class RunContext:
         return ParentRun(client, self._parent_id) if self._parent_id else None
 
     @contextmanager
-    def stage_run(
-        self, stage: str, params: Mapping[str, Any], config_hash: str
-    ) -> Iterator[Tracker | NullTracker]:
+    def stage_run(self, stage: str, params: Mapping[str, Any], config_hash: str) -> Iterator[TrackingRun]:
         """A child run for ``stage`` with the whole config as params; FAILED if the block raises."""
         if not self.track:
             yield NullTracker()

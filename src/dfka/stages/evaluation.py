@@ -26,10 +26,18 @@ from dfka.evaluation import build_eval_set, confusion_matrix, score, score_subta
 from dfka.models import count_flops, count_params
 from dfka.settings import mlflow_browser_url
 from dfka.stages import report as reports
-from dfka.stages._common import ensure_dir, finish, load_teacher_set, samples_location, scratch
+from dfka.stages._common import (
+    GRID_FILE,
+    ensure_dir,
+    finish,
+    load_teacher_set,
+    restore_routing,
+    sample_grid_file,
+    samples_location,
+    scratch,
+)
 from dfka.stages.context import TAG_COMMIT, TAG_RUN_ID, ParentRun, RunContext, run_url
 from dfka.stages.registry import TAG_DATASET, read_logged, register_evaluated
-from dfka.stages.training import GRID_FILE, _grid, _restore_routing
 from dfka.tracking import experiment_id
 
 log = logging.getLogger(__name__)
@@ -96,7 +104,7 @@ def evaluate(
         )
     parent = None
     with ctx.stage_run(STAGE, ts.params, ts.config_hash) as tracker:
-        _restore_routing(ts, samples_location(samples))
+        restore_routing(ts, samples_location(samples))
         net, manifest = load_targetnet(target_net)
         net = net.to(ts.device).eval()
         labels = list(ts.teachers.target_labels)
@@ -256,7 +264,7 @@ def _copy_grid(ts: Any, samples: str, local: Path) -> Path | None:
 
     shard = next(iter_shards(samples_location(samples)))
     logits = {k.removeprefix("logits."): v for k, v in shard.items() if k.startswith("logits.")}
-    return _grid(ts, shard["image"], logits, str(local))
+    return sample_grid_file(ts, shard["image"], logits, str(local))
 
 
 def _links(ctx: RunContext) -> dict[str, str]:

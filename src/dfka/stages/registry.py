@@ -19,6 +19,7 @@ import torch
 
 from dfka import storage
 from dfka.settings import redact
+from dfka.tracking import TrackingRun
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,12 @@ def model_name(experiment: str) -> str:
 
 
 def log_targetnet(
-    net: torch.nn.Module, example: torch.Tensor, tracker: Any, tracking_uri: str | None, name: str, out: str
+    net: torch.nn.Module,
+    example: torch.Tensor,
+    tracker: TrackingRun,
+    tracking_uri: str | None,
+    name: str,
+    out: str,
 ) -> dict[str, Any] | None:
     """Log the TargetNet as an MLflow ``pt2`` model (torch.export, no pickle) on the stage's run and
     write ``mlflow-model.json`` into ``out``; ``None`` (and a warning) when MLflow is offline."""

@@ -12,7 +12,6 @@ import json
 import logging
 import math
 import time
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -42,20 +41,23 @@ from dfka.amalgamation.stage1 import AmalgamatingGAN
 from dfka.checkpoint import Checkpoints
 from dfka.data import data_free
 from dfka.models import count_flops, count_params
-from dfka.stages import report as reports
 from dfka.stages._common import (
     TeacherSetArtifact,
     ensure_dir,
     finish,
     load_teacher_set,
+    log_grid,
     report_metrics,
+    restore_routing,
+    sample_grid_file,
     samples_location,
-    scratch,
     stage_checkpoints,
+    union_scores,
     write_location,
 )
 from dfka.stages.context import RunContext
 from dfka.stages.registry import log_targetnet, model_name
+from dfka.tracking import TrackingRun
 
 log = logging.getLogger(__name__)
 
@@ -64,39 +66,10 @@ EXPORT_STAGE = "export-synthetic-samples"
 BLOCKS_STAGE = "train-dual-generator-blocks"
 REGROUP_STAGE = "regroup-target-net"
 TRAJECTORY = "trajectory"
-GRID_FILE = "samples_grid.png"
 
 
 def _ctx(context: RunContext | None) -> RunContext:
     return context or RunContext(track=False, publish=False)
-
-
-def _union_scores(ts: TeacherSetArtifact, logits: dict[str, torch.Tensor]) -> torch.Tensor:
-    with torch.no_grad():
-        return ts.union({k: v.float().to(ts.device) for k, v in logits.items()}).cpu()
-
-
-def _grid(ts: TeacherSetArtifact, images: torch.Tensor, logits: dict[str, torch.Tensor], out: str) -> Path:
-    """Write the sample grid into ``out`` (local) or a temp file that is then uploaded."""
-    scores = _union_scores(ts, logits)
-    if not storage.is_s3(out):
-        return reports.sample_grid(images, scores, ts.teachers.target_labels, Path(out) / GRID_FILE)
-    with scratch() as tmp:
-        path = reports.sample_grid(images, scores, ts.teachers.target_labels, Path(tmp) / GRID_FILE)
-        storage.put_file(path, storage.join(out, GRID_FILE))
-    return Path(storage.join(out, GRID_FILE))
-
-
-def _restore_routing(ts: TeacherSetArtifact, samples_uri: str) -> dict[str, Any]:
-    manifest = read_manifest(samples_uri)
-    if manifest.extra.get("routing"):
-        ts.union.load_calibration(manifest.extra["routing"])
-    return dict(manifest.extra)
-
-
-def _log_grid(tracker: Any, grid: Path) -> None:
-    if grid.is_file():
-        tracker.log_artifact(grid, "samples")
 
 
 # ---------------------------------------------------------------- stage 1
@@ -145,7 +118,7 @@ def _finish_gan(
     stage: StageReport,
     out: str,
     context: RunContext | None,
-    tracker: Any,
+    tracker: TrackingRun,
     checkpoints: Checkpoints,
     started: float,
 ) -> dict[str, Any]:
@@ -159,11 +132,11 @@ def _finish_gan(
         )
         kept = len(trajectory)
     batch = Sampler(gan, seed=cfg.seed + 7, batch_size=256, device=ts.device).sample(256)
-    grid = _grid(ts, batch.image.cpu(), batch.logits, out)
+    grid = sample_grid_file(ts, batch.image.cpu(), batch.logits, out)
     metrics = {**report_metrics("stage", stage), "samples.trajectory": float(kept)}
     metrics.update({k: v for k, v in stage.extra.items() if isinstance(v, int | float)})
     tracker.log_metrics(metrics)
-    _log_grid(tracker, grid)
+    log_grid(tracker, grid)
     result = {
         "outputs": {"gan": out},
         "metrics": metrics,
@@ -228,9 +201,9 @@ def export_synthetic_samples(
         write_seconds = time.perf_counter() - write_started
         write_location(out, target, json.loads(manifest.model_dump_json()))
         logits = {name: bank.tensors[f"logits.{name}"] for name in bank.teacher_names}
-        balance = _balance(_union_scores(ts, logits), ts.teachers.target_labels)
+        balance = _balance(union_scores(ts, logits), ts.teachers.target_labels)
         take = torch.randperm(len(bank), generator=torch.Generator().manual_seed(cfg.seed))[:2000]
-        grid = _grid(ts, bank.tensors["image"][take], {k: v[take] for k, v in logits.items()}, out)
+        grid = sample_grid_file(ts, bank.tensors["image"][take], {k: v[take] for k, v in logits.items()}, out)
         metrics = {
             **report_metrics("stage", stage),
             "samples.count": float(len(bank)),
@@ -240,7 +213,7 @@ def export_synthetic_samples(
             **balance,
         }
         tracker.log_metrics(metrics)
-        _log_grid(tracker, grid)
+        log_grid(tracker, grid)
         tracker.set_tags({"dfka.samples": target})
         result = {
             "outputs": {"samples": target, "export": out},
@@ -277,7 +250,7 @@ def train_dual_generator_blocks(
         ctx.stage_run(BLOCKS_STAGE, ts.params, ts.config_hash) as tracker,
         data_free("stage 2: dual-generator block training"),
     ):
-        extra = _restore_routing(ts, where)
+        extra = restore_routing(ts, where)
         bank = read_bank(where)
         checkpoints = stage_checkpoints(BLOCKS_STAGE, out, context, ts, inputs=_samples_identity(where))
         channels = {int(k): int(v) for k, v in extra["generator_channels"].items()}
@@ -340,7 +313,7 @@ def regroup_target_net(
     cfg = ts.cfg
     where = samples_location(samples)
     with ctx.stage_run(REGROUP_STAGE, ts.params, ts.config_hash) as tracker, data_free("stage 3: regroup"):
-        _restore_routing(ts, where)
+        restore_routing(ts, where)
         model, meta = load_dual(dual, ts.teachers)
         model = model.to(ts.device)
         if cfg.regroup.finetune is not None:
@@ -363,7 +336,7 @@ def regroup_target_net(
         )
         with checkpoints.writing_outputs():
             result = _finish_regroup(
-                ts, net, stage, example, where, out, ctx, context, tracker, registered_model_name
+                ts, net, stage, example, where, out, context, tracker, registered_model_name
             )
             result["checkpoints"] = checkpoints.summary()
             result = finish(REGROUP_STAGE, out, context, tracker, result, started)
@@ -377,12 +350,12 @@ def _finish_regroup(
     example: torch.Tensor,
     where: str,
     out: str,
-    ctx: RunContext,
     context: RunContext | None,
-    tracker: Any,
+    tracker: TrackingRun,
     registered_model_name: str | None,
 ) -> dict[str, Any]:
     """Stage 3's outputs: TargetNet weights, TorchScript and manifest, the MLflow model; the result."""
+    ctx = _ctx(context)
     net = net.cpu().eval()
     size = {
         "student.params": float(count_params(net)),
