@@ -89,6 +89,40 @@ class StageReport:
         }
 
 
+def checkpointed_loop(
+    step_fn: Callable[[int, int], dict[str, torch.Tensor]],
+    budget: Budget,
+    state: dict[str, Any],
+    phase: str,
+    checkpoints: Checkpoints | None,
+    at: Position | None,
+    *,
+    block: int = 0,
+    data: dict[str, Any] | None = None,
+    save_done: bool = True,
+    **loop: Any,
+) -> LoopResult:
+    """:func:`~dfka.amalgamation.engine.run_loop` resumed from checkpoint position ``at`` (``None``: from
+    the start), checkpointing ``state`` every ``checkpoints.every`` steps; with ``save_done`` it ends
+    with a *done* checkpoint, unless ``at`` already is that one. The one home of the restore → loop →
+    save sequence of every training phase (a resumed time budget continues with the time left)."""
+    offset = at.seconds if at else 0.0
+    result = run_loop(
+        step_fn,
+        budget,
+        start_step=at.step if at else 0,
+        elapsed_offset=offset,
+        checkpoint=checkpoints.hook(state, phase, block=block, data=data, offset=offset)
+        if checkpoints
+        else None,
+        checkpoint_every=checkpoints.every if checkpoints else 0,
+        **loop,
+    )
+    if save_done and checkpoints is not None and not (at and at.done and at.step == result.steps):
+        checkpoints.save(state, Position(phase, result.steps, done=True, seconds=result.seconds))
+    return result
+
+
 def train_gan(
     teachers: TeacherSet,
     union: UnionRule,
@@ -117,21 +151,18 @@ def train_gan(
             trainer.collector = collector
         state = {"trainer": trainer, **({"collector": collector} if collector is not None else {})}
         at = checkpoints.restore(state) if checkpoints is not None else None
-        offset = at.seconds if at else 0.0
-        result = run_loop(
+        result = checkpointed_loop(
             trainer.step,
             cfg.gan.budget,
+            state,
+            "gan",
+            checkpoints,
+            at,
             desc="stage 1: GAN",
             prefix="gan",
             on_metrics=on_metrics,
             progress=progress,
-            start_step=at.step if at else 0,
-            elapsed_offset=offset,
-            checkpoint=checkpoints.hook(state, "gan", offset=offset) if checkpoints else None,
-            checkpoint_every=checkpoints.every if checkpoints else 0,
         )
-        if checkpoints is not None and not (at and at.done and at.step == result.steps):
-            checkpoints.save(state, Position("gan", result.steps, done=True, seconds=result.seconds))
     report = StageReport(
         result.seconds, result.steps, result.steps * cfg.gan.batch_size, dict(result.metrics)
     )
@@ -214,22 +245,22 @@ def train_blocks(
             resumed = at is not None and b == at.block
             if not resumed:
                 trainer.start_block(b)  # a resumed block's optimiser came back with the checkpoint
-            offset = at.seconds if resumed else 0.0
             so_far = {"steps": total_steps, "seconds": total_seconds, "extra": extra}
-            result: LoopResult = run_loop(
+            result: LoopResult = checkpointed_loop(
                 trainer.step,
                 budgets[b - 1],
+                state,
+                "blocks",
+                checkpoints,
+                at if resumed else None,
+                block=b,
+                data=so_far,
+                save_done=False,  # a finished block's checkpoint carries the totals, written below
                 desc=f"stage 2: block {b}/{blocks}",
                 prefix=f"blocks.b{b}",
                 on_metrics=on_metrics,
                 progress=progress,
                 step_offset=total_steps,
-                start_step=at.step if resumed else 0,
-                elapsed_offset=offset,
-                checkpoint=checkpoints.hook(state, "blocks", block=b, data=so_far, offset=offset)
-                if checkpoints
-                else None,
-                checkpoint_every=checkpoints.every if checkpoints else 0,
             )
             total_steps += result.steps
             total_seconds += result.seconds
@@ -285,23 +316,19 @@ def regroup(
             if origin is not None:
                 state["trainer"] = trainer
             at = checkpoints.restore(state) if checkpoints is not None else None
-            offset = at.seconds if at else 0.0
-            result = run_loop(
+            result = checkpointed_loop(
                 trainer.step,
                 cfg.regroup.finetune,
+                state,
+                "finetune",
+                checkpoints,
+                at,
                 desc="stage 3: fine-tune",
                 prefix="finetune",
                 on_metrics=on_metrics,
                 progress=progress,
-                start_step=at.step if at else 0,
-                elapsed_offset=offset,
-                checkpoint=checkpoints.hook(state, "finetune", offset=offset) if checkpoints else None,
-                checkpoint_every=checkpoints.every if checkpoints else 0,
                 model=net,
             )
-            if checkpoints is not None and not (at and at.done and at.step == result.steps):
-                done = Position("finetune", result.steps, done=True, seconds=result.seconds)
-                checkpoints.save(state, done)
             steps = result.steps
             extra |= dict(result.metrics)
             if trust is not None:
