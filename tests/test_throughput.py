@@ -8,8 +8,8 @@ from pathlib import Path
 
 import torch
 
-from dfka.amalgamation import throughput
 from dfka.amalgamation.config import AmalgamationConfig
+from dfka.bench import throughput
 from dfka.cli import main as cli
 
 

@@ -129,8 +129,8 @@ def _throughput(args: argparse.Namespace) -> int:
     import json
     from pathlib import Path
 
-    from dfka.amalgamation import throughput
     from dfka.amalgamation.config import AmalgamationConfig
+    from dfka.bench import throughput
     from dfka.bundles import load_bundle
 
     bundles = (
