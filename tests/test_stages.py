@@ -183,6 +183,33 @@ def test_stage_chain_on_toy_teachers(tmp_path: Path, monkeypatch: pytest.MonkeyP
         torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
 
 
+def test_budget_minutes_means_the_same_in_the_pipeline_as_in_one_process(tmp_path: Path) -> None:
+    """Stages 2 and 3 of the pipeline split what stage 1 and the export spent of ``budget_minutes``,
+    as ``dfka amalgamate`` does (run.remaining_budget): the export records the spent seconds, and the
+    whole run stays within the budget."""
+    from dfka.amalgamation.artifacts import gan_report
+    from dfka.amalgamation.samples import read_manifest
+
+    uris = toy_bundles(tmp_path)
+    method = {k: v for k, v in TOY_METHOD.items() if k not in ("regroup",)}
+    method["gan"] = {"batch_size": 16, "widths": 8}
+    method["blocks"] = {"batch_size": 16}
+    method["export"] = {"samples": 200000, "shard_size": 100000}  # a top-up that takes its 10% cap
+    method |= {"budget_minutes": 0.2, "budget_split": {"gan": 0.4, "blocks": 0.2, "finetune": 0.4}}
+    ts, gan, exp, dual, net = (str(tmp_path / n) for n in ("ts", "gan", "export", "dual", "net"))
+    stages.ingest_teachers(uris, ts, amalgamation=method)
+    stages.train_amalgamating_gan(ts, gan)
+    r2 = stages.export_synthetic_samples(ts, gan, exp)
+    spent = read_manifest(r2["outputs"]["samples"]).extra["budget_spent_seconds"]
+    assert spent == pytest.approx(gan_report(gan)["seconds"] + r2["report"]["seconds"])
+    r3 = stages.train_dual_generator_blocks(ts, exp, dual)
+    r4 = stages.regroup_target_net(ts, exp, dual, net)
+    assert r2["report"]["seconds"] > 0.8  # the export's time is spent, and must come off stages 2 and 3
+    left = 12.0 - spent  # split 1:2 between the blocks and the fine-tune, as in one process
+    assert r3["report"]["seconds"] == pytest.approx(left / 3, abs=0.2)  # a fixed share would be 2.4 s
+    assert spent + r3["report"]["seconds"] + r4["report"]["seconds"] == pytest.approx(12.0, abs=0.4)
+
+
 def test_write_metrics_writes_the_file_for_caching(tmp_path: Path) -> None:
     class FakeMetrics:
         path = str(tmp_path / "task" / "metrics")

@@ -68,6 +68,14 @@ def save_gan(gan: AmalgamatingGAN, out: str, extra: dict[str, Any] | None = None
     save_tensors(state, meta, out, "gan")
 
 
+def gan_report(uri: str) -> dict[str, Any]:
+    """The stage-1 report saved with the generator (``seconds``, ``steps``, ...), without its weights."""
+    from dfka import storage
+
+    meta = json.loads(storage.get_bytes(storage.join(uri, "gan.json")))
+    return dict(meta.get("report") or {"seconds": 0.0})
+
+
 def load_gan(uri: str, teachers: TeacherSet, union: UnionRule) -> AmalgamatingGAN:
     state, meta = load_tensors(uri, "gan")
     if meta.get("teachers") != teachers.names:

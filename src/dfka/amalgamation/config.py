@@ -226,7 +226,14 @@ class AmalgamationConfig(_Strict):
     seed: int = Field(0, ge=0, lt=2**63, description="torch.manual_seed range")
     device: str = "auto"
     threads: int | None = Field(None, ge=1)
-    budget_minutes: float | None = Field(None, gt=0, description="split over the stages by budget_split")
+    budget_minutes: float | None = Field(
+        None,
+        gt=0,
+        description="total training wall-clock of stage 1, the sample export and stages 2-3, the same in "
+        "`dfka amalgamate` and in the pipeline: stage 1 gets its budget_split share, stages 2 and 3 split "
+        "what stage 1 and the export left in their budget_split ratio (writing shards, process start-up "
+        "and the evaluation are not counted)",
+    )
     budget_split: dict[Literal["gan", "blocks", "finetune"], float] = Field(
         default_factory=lambda: dict(DEFAULT_SPLIT),
         description="shares of budget_minutes per stage; a stage with share 0 runs one step",

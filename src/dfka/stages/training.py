@@ -17,13 +17,15 @@ from typing import Any
 import torch
 
 from dfka import storage
-from dfka.amalgamation.artifacts import load_dual, load_gan, save_dual, save_gan
+from dfka.amalgamation.artifacts import gan_report, load_dual, load_gan, save_dual, save_gan
+from dfka.amalgamation.config import AmalgamationConfig
 from dfka.amalgamation.regroup import TargetNet, save_targetnet
 from dfka.amalgamation.routing import calibrate_routing
 from dfka.amalgamation.run import (
     StageReport,
     build_student,
     regroup,
+    remaining_budget,
     sample_bank,
     train_blocks,
     train_gan,
@@ -70,6 +72,17 @@ TRAJECTORY = "trajectory"
 
 def _ctx(context: RunContext | None) -> RunContext:
     return context or RunContext(track=False, publish=False)
+
+
+#: samples-manifest key: the seconds of budget_minutes that stage 1 and the export spent
+BUDGET_SPENT = "budget_spent_seconds"
+
+
+def budget_left(cfg: AmalgamationConfig, extra: dict[str, Any]) -> AmalgamationConfig:
+    """Stages 2 and 3 under ``budget_minutes``: what stage 1 and the export left, split as in one
+    process (:func:`~dfka.amalgamation.run.remaining_budget`); a step budget is untouched."""
+    spent = extra.get(BUDGET_SPENT)
+    return remaining_budget(cfg, float(spent)) if spent is not None else cfg
 
 
 # ---------------------------------------------------------------- stage 1
@@ -186,6 +199,9 @@ def export_synthetic_samples(
                 str(lvl): s[0] for lvl, s in enumerate(generator.generator_level_shapes())
             },
             "from_trajectory": len(trajectory) if trajectory is not None else 0,
+            # what budget_minutes has paid so far (stage 1's loop and this sampling), so that stages 2
+            # and 3 split what is left exactly as `dfka amalgamate` does (run.remaining_budget)
+            BUDGET_SPENT: gan_report(gan)["seconds"] + stage.seconds,
         }
         if cfg.union.routing != "none":
             calibrate_routing(ts.union, bank)
@@ -251,6 +267,7 @@ def train_dual_generator_blocks(
         data_free("stage 2: dual-generator block training"),
     ):
         extra = restore_routing(ts, where)
+        cfg = budget_left(cfg, extra)
         bank = read_bank(where)
         checkpoints = stage_checkpoints(BLOCKS_STAGE, out, context, ts, inputs=_samples_identity(where))
         channels = {int(k): int(v) for k, v in extra["generator_channels"].items()}
@@ -313,7 +330,7 @@ def regroup_target_net(
     cfg = ts.cfg
     where = samples_location(samples)
     with ctx.stage_run(REGROUP_STAGE, ts.params, ts.config_hash) as tracker, data_free("stage 3: regroup"):
-        restore_routing(ts, where)
+        cfg = budget_left(cfg, restore_routing(ts, where))
         model, meta = load_dual(dual, ts.teachers)
         model = model.to(ts.device)
         if cfg.regroup.finetune is not None:
