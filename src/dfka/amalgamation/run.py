@@ -135,11 +135,14 @@ def train_gan(
     checkpoints: Checkpoints | None = None,
 ) -> tuple[AmalgamatingGAN, SampleBank | None, StageReport]:
     """Stage 1. Returns the generator (with filters), the trajectory samples kept for the export (when
-    ``export.source`` is ``trajectory``) and the report. ``student`` is only the proxy for the adversarial term.
-    With ``checkpoints`` it resumes from the last checkpoint and checkpoints every ``checkpoints.every``
-    steps and at the end."""
+    ``export.source`` is ``trajectory``) and the report. ``student`` is only the proxy for the adversarial
+    term; with ``gan.loss.adv > 0`` and none given, one of ``cfg.student``'s architecture is built here
+    (seeded). With ``checkpoints`` it resumes from the last checkpoint and checkpoints every
+    ``checkpoints.every`` steps and at the end."""
     with data_free("stage 1: amalgamating GAN"):
         seed_everything(cfg.seed)
+        if student is None and cfg.gan.loss.adv > 0:
+            student = build_student(cfg.student, teachers).to(device)
         gan = AmalgamatingGAN(teachers, union, cfg.gan, student=student)
         trainer = GanTrainer(gan, cfg.seed, device)
         collector = None
@@ -176,9 +179,11 @@ def sample_bank(
     *,
     device: torch.device,
     progress: bool = True,
+    union: UnionRule | None = None,
 ) -> tuple[SampleBank, StageReport]:
     """The export's samples: stage 1's trajectory reservoir topped up (or replaced, with ``source:
-    final``) by fresh samples from the frozen generator; teachers score each image once."""
+    final``) by fresh samples from the frozen generator; teachers score each image once. With ``union``
+    and ``union.routing`` set, the union's routing is calibrated on them (``report.extra["routing"]``)."""
     with data_free("synthetic sample export"):
         start = time.perf_counter()
         parts = [trajectory] if trajectory is not None and cfg.export.source == "trajectory" else []
@@ -202,7 +207,11 @@ def sample_bank(
         bank = SampleBank.concat(parts)
     seconds = time.perf_counter() - start
     # samples = what this stage generated (its throughput); the bank also holds the trajectory's
-    return bank, StageReport(seconds, samples=missing, extra={"bank": len(bank), "from_trajectory": kept})
+    report = StageReport(seconds, samples=missing, extra={"bank": len(bank), "from_trajectory": kept})
+    if union is not None and cfg.union.routing != "none":
+        with data_free("routing calibration"):
+            report.extra["routing"] = calibrate_routing(union, bank)
+    return bank, report
 
 
 def train_blocks(
@@ -434,15 +443,11 @@ def amalgamate(
     device = pick_device(cfg.device)
     teachers = teacher_set_from_bundles(bundles, cfg.target_labels).to(device)
     union = UnionRule(teachers, cfg.union.rule).to(device)
-    proxy = build_student(cfg.student, teachers).to(device) if cfg.gan.loss.adv > 0 else None
     stages: dict[str, StageReport] = {}
     gan, trajectory, stages["gan"] = train_gan(
-        teachers, union, cfg, device=device, on_metrics=on_metrics, progress=progress, student=proxy
+        teachers, union, cfg, device=device, on_metrics=on_metrics, progress=progress
     )
-    bank, stages["export"] = sample_bank(gan, cfg, trajectory, device=device, progress=progress)
-    if cfg.union.routing != "none":
-        with data_free("routing calibration"):
-            stages["export"].extra["routing"] = calibrate_routing(union, bank)
+    bank, stages["export"] = sample_bank(gan, cfg, trajectory, device=device, progress=progress, union=union)
     cfg = remaining_budget(cfg, stages["gan"].seconds + stages["export"].seconds)
     channels = {level: shape[0] for level, shape in enumerate(gan.generator_level_shapes())}
     dual, stages["blocks"] = train_blocks(

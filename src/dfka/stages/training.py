@@ -20,10 +20,8 @@ from dfka import storage
 from dfka.amalgamation.artifacts import gan_report, load_dual, load_gan, save_dual, save_gan
 from dfka.amalgamation.config import AmalgamationConfig
 from dfka.amalgamation.regroup import TargetNet, save_targetnet
-from dfka.amalgamation.routing import calibrate_routing
 from dfka.amalgamation.run import (
     StageReport,
-    build_student,
     regroup,
     remaining_budget,
     sample_bank,
@@ -108,7 +106,6 @@ def train_amalgamating_gan(
         ctx.stage_run(GAN_STAGE, ts.params, ts.config_hash) as tracker,
         data_free("stage 1: amalgamating GAN"),
     ):
-        proxy = build_student(cfg.student, ts.teachers).to(ts.device) if cfg.gan.loss.adv > 0 else None
         gan, trajectory, stage = train_gan(
             ts.teachers,
             ts.union,
@@ -116,7 +113,6 @@ def train_amalgamating_gan(
             device=ts.device,
             on_metrics=tracker,
             progress=ctx.progress,
-            student=proxy,
             checkpoints=checkpoints,
         )
         with checkpoints.writing_outputs():
@@ -193,7 +189,9 @@ def export_synthetic_samples(
             if storage.exists(storage.join(trajectory_uri, SAMPLES_MANIFEST))
             else None
         )
-        bank, stage = sample_bank(generator, cfg, trajectory, device=ts.device, progress=ctx.progress)
+        bank, stage = sample_bank(
+            generator, cfg, trajectory, device=ts.device, progress=ctx.progress, union=ts.union
+        )
         extra: dict[str, Any] = {
             "generator_channels": {
                 str(lvl): s[0] for lvl, s in enumerate(generator.generator_level_shapes())
@@ -203,9 +201,8 @@ def export_synthetic_samples(
             # and 3 split what is left exactly as `dfka amalgamate` does (run.remaining_budget)
             BUDGET_SPENT: gan_report(gan)["seconds"] + stage.seconds,
         }
-        if cfg.union.routing != "none":
-            calibrate_routing(ts.union, bank)
-            extra["routing"] = ts.union.calibration()
+        if "routing" in stage.extra:  # calibrated by sample_bank; the later stages restore it
+            extra["routing"] = stage.extra["routing"]
         published = ctx.publish_uri(EXPORT_STAGE)
         target = samples_uri or (
             storage.join(published, "samples") if published else storage.join(out, "samples")
