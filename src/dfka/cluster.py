@@ -288,6 +288,11 @@ def secret_values(secret: V1Secret) -> dict[str, str]:
     return values
 
 
+def is_unset(value: str | None) -> bool:
+    """A secret value still to be filled in: empty, or holding the templates' ``CHANGE_ME``."""
+    return not (value or "").strip() or PLACEHOLDER in (value or "")
+
+
 def check_s3_secret(
     secret: V1Secret | None,
     namespace: str,
@@ -312,10 +317,9 @@ def check_s3_secret(
             f"secret {where} lacks key(s) {', '.join(missing)}",
             f"recreate it with keys {', '.join(keys)}",
         )
-    empty = [k for k in keys if not values[k].strip()]
-    placeholder = [k for k in keys if PLACEHOLDER in values[k]]
-    if empty or placeholder:
-        bad = ", ".join(empty + placeholder)
+    unset = [k for k in keys if is_unset(values[k])]
+    if unset:
+        bad = ", ".join(unset)
         return CheckResult(
             check,
             False,

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from dfka.cluster import PLACEHOLDER, CheckResult
+from dfka.cluster import PLACEHOLDER, CheckResult, is_unset
 from dfka.config_files import load_yaml
 from dfka.errors import ConfigError
 
@@ -104,7 +104,7 @@ def check_secret_file(item: SecretFile, base: Path | None = None) -> CheckResult
             f"{shown} lacks {', '.join(missing)} (keys of {template})",
             f"add {', '.join(f'{k}=...' for k in missing)} to {shown} ({README_STEP})",
         )
-    unset = [k for k, v in values.items() if not (v or "").strip() or PLACEHOLDER in (v or "")]
+    unset = [k for k, v in values.items() if is_unset(v)]
     if unset:
         return CheckResult(
             name,

@@ -358,11 +358,12 @@ def _stack_home_of(pid: int) -> Path | None:
     """The DFKA_HOME of a dfka stack server (its data paths are under ``<home>/stack/``), else None.
     The listener may be a worker of the server (MLflow's uvicorn): its parents are checked too."""
     try:
-        chain = [psutil.Process(pid), *psutil.Process(pid).parents()[:3]]
+        proc = psutil.Process(pid)
+        chain = [proc, *proc.parents()[:3]]
     except psutil.Error:
         return None
-    for proc in chain:
-        for arg in _cmdline(proc.pid):
+    for link in chain:
+        for arg in _cmdline(link.pid):
             for prefix, suffix in (("-dir=", "/stack/seaweed"), ("sqlite:///", "/stack/mlflow.db")):
                 if arg.startswith(prefix) and arg.endswith(suffix):
                     return Path(arg[len(prefix) : -len(suffix)])

@@ -193,13 +193,14 @@ def evaluate(
                 if path is not None and path.is_file():
                     tracker.log_artifact(path, "results")
             parent = ctx.parent(ts.config_hash)
-            registered = None
+            registered, verdict = None, reports.verdict(results)
             if parent is not None:
-                parent.log_metrics(metrics | reports.headline_scores(results))
+                headline = reports.headline_scores(results)
+                parent.log_metrics(metrics | headline)
                 for path in (local / RESULTS_MD, local / REPORT_HTML, cm_png, grid):
                     if path is not None and path.is_file():
                         parent.log_artifact(path, "results")
-                registered = _register(parent, ctx, ts.config_hash, target_net, results)
+                registered = _register(parent, ctx, ts.config_hash, target_net, results, headline, verdict)
         result = {
             "outputs": {"results": out},
             "metrics": metrics,
@@ -208,7 +209,7 @@ def evaluate(
             "markdown": markdown,
             "html": page,
             "links": links,
-            "verdict": reports.verdict(results),
+            "verdict": verdict,
             "registered_model": registered,
         }
         result = finish(STAGE, out, context, tracker, result, started)
@@ -219,7 +220,13 @@ def evaluate(
 
 
 def _register(
-    parent: ParentRun, ctx: RunContext, config_hash: str, target_net: str, results: dict[str, Any]
+    parent: ParentRun,
+    ctx: RunContext,
+    config_hash: str,
+    target_net: str,
+    results: dict[str, Any],
+    headline: dict[str, float],
+    verdict: str,
 ) -> dict[str, Any] | None:
     """Register the regroup stage's logged TargetNet with its test scores, and describe the parent run
     (the runs list's description column): the verdict, the steps each stage took, the model version."""
@@ -231,7 +238,7 @@ def _register(
         }
     except Exception:  # a description without the steps is still a description
         pass
-    lines = [reports.verdict(results), ""]
+    lines = [verdict, ""]
     for name, teacher in results["teachers"].items():
         lines.append(
             f"- {name}: TargetNet {reports.pct(results['student']['tasks'][name])} on its labels, "
@@ -243,7 +250,7 @@ def _register(
     logged = read_logged(target_net)
     registered = None
     if logged is not None:
-        tags = {k: f"{v:.6g}" for k, v in reports.headline_scores(results).items()}
+        tags = {k: f"{v:.6g}" for k, v in headline.items()}
         tags |= {TAG_DATASET: results["dataset"], TAG_RUN_ID: ctx.run_id, TAG_COMMIT: ctx.git_commit}
         registered = register_evaluated(parent.client, logged, tags, "\n".join(lines))
     if registered is not None:

@@ -45,7 +45,7 @@ def log_targetnet(
 ) -> dict[str, Any] | None:
     """Log the TargetNet as an MLflow ``pt2`` model (torch.export, no pickle) on the stage's run and
     write ``mlflow-model.json`` into ``out``; ``None`` (and a warning) when MLflow is offline."""
-    if tracker.run_id is None or getattr(tracker, "offline", False) or tracking_uri is None:
+    if tracker.run_id is None or tracker.offline or tracking_uri is None:
         log.warning("MLflow is offline: the TargetNet is not logged as an MLflow model nor registered")
         return None
     import mlflow
