@@ -139,7 +139,7 @@ def cpu_stage(s: PipelineSettings, task: PipelineTask, data_free: bool = True) -
 
 
 def gpu_stage(s: PipelineSettings, task: PipelineTask) -> PipelineTask:
-    """A training stage: the GPU pool's placement (dfka.placement) and retries for preempted nodes."""
+    """A training stage: the GPU pool's placement (dfka.ops.placement) and retries for preempted nodes."""
     gpu = s.gpu
     task.set_container_image(s.image)
     if gpu.accelerator_count > 0:

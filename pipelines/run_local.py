@@ -24,8 +24,9 @@ from typing import Any
 
 from dfka import storage
 from dfka.errors import DfkaError
+from dfka.ops.run_lock import check_run_id, die_with_parent, processes_with_env, run_lock, stop_leftovers
+from dfka.ops.stack import StackPorts
 from dfka.pipeline_config import STAGES, ExperimentConfig, RetrySettings
-from dfka.run_lock import check_run_id, die_with_parent, processes_with_env, run_lock, stop_leftovers
 from dfka.runtime import env_var
 from dfka.settings import (
     GIT_COMMIT_ENV,
@@ -36,7 +37,6 @@ from dfka.settings import (
     load_stack_env,
     redact,
 )
-from dfka.stack import StackPorts
 from dfka.stages.context import (
     experiment_id,
     find_parent,
@@ -67,7 +67,7 @@ def ensure_stack() -> dict[str, str]:
     load_stack_env()
     if os.environ.get("MLFLOW_TRACKING_URI") and object_store_configured():
         return {}
-    from dfka.stack import stack_up
+    from dfka.ops.stack import stack_up
 
     info = stack_up()
     applied = {k: v for k, v in info.env().items() if not os.environ.get(k)}

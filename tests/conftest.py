@@ -17,7 +17,7 @@ def _seed() -> None:
     torch.manual_seed(0)
 
 
-# ---------------------------------------------------------------- real SeaweedFS + MLflow (dfka.stack)
+# ---------------------------------------------------------------- real SeaweedFS + MLflow (dfka.ops.stack)
 
 #: Endpoint settings a developer may have exported; tests must neither use them nor treat them as "external".
 STACK_ENV_KEYS = (
@@ -34,7 +34,7 @@ STACK_ENV_KEYS = (
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory):
     """One real stack per session, on free ports in a private home (never the user's 8333/5000 stack)."""
-    from dfka.stack import StackPorts, stack_down, stack_up
+    from dfka.ops.stack import StackPorts, stack_down, stack_up
 
     home = tmp_path_factory.mktemp("dfka-stack")
     try:

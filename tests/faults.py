@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 
 from dfka import stages, storage
 from dfka.amalgamation.samples import read_bank
-from dfka.checkpoint import MANIFEST
+from dfka.engine.checkpoint import MANIFEST
 from tests.test_stages import toy_bundles
 
 ROOT = Path(__file__).resolve().parents[1]

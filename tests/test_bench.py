@@ -20,7 +20,7 @@ from dfka.baselines import TeacherEnsemble
 from dfka.bench import DATA_FREE, METHODS, WITH_DATA, available_benchmarks, load_benchmark, parse_benchmark
 from dfka.bench import jobs as jobs_module
 from dfka.bench.report import update_readme, write_report
-from dfka.bench.results import add_run, open_results, record_run, save_results
+from dfka.bench.results import FORMAT, add_run, load_results, open_results, record_run, save_results
 from dfka.bench.runner import run_benchmark
 from dfka.data import mnist_available
 from dfka.errors import ConfigError, DataFreeViolation
@@ -130,11 +130,11 @@ def test_subtask_metrics_for_a_reordered_custom_label_set() -> None:
     assert ev.subtasks["a"].positions == [1, 2] and ev.subtasks["b"].positions == [3, 0]
     assert sorted(ev.subtasks["a"].index.tolist() + ev.subtasks["b"].index.tolist()) == list(range(300))
     metrics, scores = evaluate_model(TeacherEnsemble(teachers, union), ev)
-    assert metrics["union_acc"] == pytest.approx(float((scores.argmax(1) == idx).float().mean()))
+    assert metrics["acc"] == pytest.approx(float((scores.argmax(1) == idx).float().mean()))
     own = evaluate_teachers(teachers, ev)
-    assert metrics["acc.a"] == pytest.approx(own["teacher_acc.a"])  # disjoint logit concat: exact
-    assert metrics["acc.b"] == pytest.approx(own["teacher_acc.b"])
-    assert own["teacher_acc.a"] > 0.9 and own["teacher_acc.b"] > 0.9
+    assert metrics["task.a.acc"] == pytest.approx(own["teacher.a.acc"])  # disjoint logit concat: exact
+    assert metrics["task.b.acc"] == pytest.approx(own["teacher.b.acc"])
+    assert own["teacher.a.acc"] > 0.9 and own["teacher.b.acc"] > 0.9
 
 
 def test_multilabel_metrics_are_map() -> None:
@@ -145,9 +145,9 @@ def test_multilabel_metrics_are_map() -> None:
     targets = torch.nn.functional.one_hot(idx, 8).float()
     ev = build_eval_set(images, targets, teachers.target_labels, "multilabel", teachers)
     metrics, _ = evaluate_model(TeacherEnsemble(teachers, UnionRule(teachers)), ev)
-    assert set(metrics) == {"union_map", "map.a", "map.b"}
+    assert set(metrics) == {"map", "task.a.map", "task.b.map"}
     own = evaluate_teachers(teachers, ev)
-    assert set(own) == {"teacher_map.a", "teacher_map.b"} and min(own.values()) > 0.5
+    assert set(own) == {"teacher.a.map", "teacher.b.map"} and min(own.values()) > 0.5
 
 
 # --- the runner's guard ------------------------------------------------------------------------------
@@ -187,8 +187,8 @@ def _header(student: str = "lenet5:0.5", weights: str = "w") -> dict:
             "t0": {"recipe_sha256": "x", "weights_sha256": weights, "train_seconds": 3.0, "epochs": 1}
         },
         "reference": {
-            "ensemble": {"union_acc": 0.9, "acc.t0": 0.99},
-            "teachers": {"teacher_acc.t0": 0.99},
+            "ensemble": {"acc": 0.9, "task.t0.acc": 0.99},
+            "teachers": {"teacher.t0.acc": 0.99},
             "teachers_params": 1000,
             "teachers_flops": 2000,
             "per_teacher": {"t0": {"params": 1000, "flops": 2000}},
@@ -204,7 +204,7 @@ def _run(method: str, seed: int, acc: float, budget: float = 1.0) -> dict:
         "method": method,
         "seed": seed,
         "status": "ok",
-        "metrics": {"union_acc": acc, "acc.t0": acc, "agreement": acc},
+        "metrics": {"acc": acc, "task.t0.acc": acc, "agreement": acc},
         "stages": {
             "train": {"seconds": 60.0 * budget, "steps": 10, "samples": 640, "samples_per_second": 10.7}
         },
@@ -218,6 +218,22 @@ def _run(method: str, seed: int, acc: float, budget: float = 1.0) -> dict:
     }
 
 
+def test_a_v1_result_file_reads_in_todays_metric_names(tmp_path: Path) -> None:
+    """Result files written before the metric names were unified keep working (and keep their rows)."""
+    v1 = {**_header(), "format": "dfka.bench/v1"}
+    v1["reference"] = {**v1["reference"], "ensemble": {"union_acc": 0.9, "acc.t0": 0.99}}
+    v1["reference"]["teachers"] = {"teacher_acc.t0": 0.98}
+    old_run = _run("dafl", 0, 0.8)
+    old_run["metrics"] = {"union_acc": 0.8, "acc.t0": 0.7, "agreement": 0.75}
+    v1["runs"] = {"dafl/0": old_run}
+    (tmp_path / "fake.json").write_text(json.dumps(v1))
+    data = load_results(tmp_path / "fake.json")
+    assert data is not None and data["format"] == FORMAT
+    assert data["reference"]["ensemble"] == {"acc": 0.9, "task.t0.acc": 0.99}
+    assert data["reference"]["teachers"] == {"teacher.t0.acc": 0.98}
+    assert data["runs"]["dafl/0"]["metrics"] == {"acc": 0.8, "task.t0.acc": 0.7, "agreement": 0.75}
+
+
 def test_results_accumulate_replace_and_archive_when_the_experiment_changes(tmp_path: Path) -> None:
     data = open_results(tmp_path, _header())
     for method, seed, acc in [("dafl", 0, 0.8), ("dafl", 1, 0.82), ("noise", 0, 0.3)]:
@@ -227,12 +243,12 @@ def test_results_accumulate_replace_and_archive_when_the_experiment_changes(tmp_
     add_run(again, _run("dafl", 1, 0.9))
     save_results(tmp_path, again)
     rows = list(csv.DictReader((tmp_path / "fake.csv").open()))
-    assert [(r["method"], r["seed"], r["union_acc"]) for r in rows] == [
+    assert [(r["method"], r["seed"], r["acc"]) for r in rows] == [
         ("dafl", "0", "0.8"),
         ("dafl", "1", "0.9"),
         ("noise", "0", "0.3"),
     ]
-    assert rows[0]["ensemble_union_acc"] == "0.9" and rows[0]["teacher_acc.t0"] == "0.99"
+    assert rows[0]["ensemble.acc"] == "0.9" and rows[0]["teacher.t0.acc"] == "0.99"
     assert rows[0]["params_ratio"] == "0.25" and rows[0]["seconds.train"] == "60"
     changed = open_results(tmp_path, _header(student="lenet5:1"))  # another student: not comparable
     assert changed["runs"] == {}
@@ -317,7 +333,7 @@ def test_end_to_end_tiny_benchmark(tiny_yaml: Path, tmp_path: Path, monkeypatch,
     assert not result.failed, [r.error for r in result.failed]
     rows = list(csv.DictReader((out / "tiny.csv").open()))
     assert [r["method"] for r in rows] == list(METHODS) and {r["seed"] for r in rows} == {"0"}
-    required = {"method", "seed", "union_acc", "ensemble_union_acc", "acc.lo", "acc.hi", "teacher_acc.lo"}
+    required = {"method", "seed", "acc", "ensemble.acc", "task.lo.acc", "task.hi.acc", "teacher.lo.acc"}
     required |= {
         "seconds.gan",
         "seconds.blocks",
@@ -328,7 +344,7 @@ def test_end_to_end_tiny_benchmark(tiny_yaml: Path, tmp_path: Path, monkeypatch,
     }
     assert required <= set(rows[0])
     by = {r["method"]: r for r in rows}
-    assert float(by["ensemble"]["union_acc"]) > 0.6 and float(by["kd-real"]["union_acc"]) > 0.3
+    assert float(by["ensemble"]["acc"]) > 0.6 and float(by["kd-real"]["acc"]) > 0.3
     assert float(by["dfka"]["seconds.gan"]) > 0 and by["dafl"]["seconds.gan"] == ""
     assert [float(by[m]["budget_minutes"]) for m in ("dfka", "dafl", "kd-real", "layerwise")] == [
         0.02,
@@ -429,7 +445,9 @@ def test_mlflow_parent_and_children_with_identical_keys(stack_env, tiny_yaml: Pa
         "kd-real-seed0",
         "noise-seed0",
     ]
-    final = {"union_acc", "ensemble_union_acc", "acc.lo", "acc.hi", "agreement", "params", "seconds.total"}
+    # the evaluate stage's metric names (test.student.acc, ...), so bench and pipeline runs line up in MLflow
+    final = {"test.student.acc", "test.ensemble.acc", "test.student.task.lo.acc", "test.teacher.hi.acc"}
+    final |= {"test.ensemble.task.hi.acc", "agreement", "params", "seconds.total"}
     for child in children:
         assert set(child.data.params) == set(children[0].data.params)
         assert final <= set(child.data.metrics)

@@ -34,7 +34,8 @@ from kubernetes.client import (
 )
 
 from dfka.cli import main
-from dfka.cluster import (
+from dfka.errors import ConfigError
+from dfka.ops.cluster import (
     CheckResult,
     check_gpu_pool,
     check_kfp_health,
@@ -49,8 +50,7 @@ from dfka.cluster import (
     placement_from_options,
     tolerates,
 )
-from dfka.errors import ConfigError
-from dfka.placement import (
+from dfka.ops.placement import (
     DEFAULT_GPU_PLACEMENT,
     GPU_POOL_LABEL_KEY,
     GPU_POOL_LABEL_VALUE,

@@ -1,4 +1,4 @@
-"""The training loop (dfka.amalgamation.engine): wall-clock probes that cost the training nothing, and
+"""The training loop (dfka.engine.loop): wall-clock probes that cost the training nothing, and
 a loss that turns NaN stopping the loop before anything diverged is checkpointed."""
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 from dfka.amalgamation.config import Budget
-from dfka.amalgamation.engine import run_loop
-from dfka.amalgamation.probe import TimeProbe, active_probe, probing, time_to_reach
+from dfka.engine.loop import run_loop
+from dfka.engine.probe import TimeProbe, active_probe, probing, time_to_reach
 
 
 def _toy() -> tuple[nn.Module, torch.optim.Optimizer]:
@@ -133,7 +133,7 @@ def test_a_log_file_gets_no_progress_bar_redraws(tmp_path) -> None:
     script = (
         "import torch\n"
         "from dfka.amalgamation.config import Budget\n"
-        "from dfka.amalgamation.engine import run_loop\n"
+        "from dfka.engine.loop import run_loop\n"
         "run_loop(lambda i, n: {'loss': torch.tensor(1.0)}, Budget(steps=300), desc='toy', prefix='t',"
         " progress=True, log_every=10)\n"
     )

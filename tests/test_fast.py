@@ -9,7 +9,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfka.amalgamation import fast
 from dfka.amalgamation.losses import BNStatsRecorder, RoutedBNStats, owner_weights
 from dfka.amalgamation.regroup import FinetuneTrainer, TargetNet
 from dfka.amalgamation.run import build_student, teacher_set_from_bundles
@@ -17,6 +16,7 @@ from dfka.amalgamation.samples import SampleBank, Sampler
 from dfka.amalgamation.stage1 import AmalgamatingGAN, GanTrainer
 from dfka.amalgamation.stage2 import BlockTrainer, DualGenerator
 from dfka.amalgamation.union import UnionRule
+from dfka.engine import fast
 from tests.test_amalgamation import snapshot, tiny_config
 from tests.toys import SIZE, toy_teacher
 
@@ -75,8 +75,8 @@ def test_input_gradients_agree_in_float64() -> None:
     assert rel(grads[1], grads[0]) < 1e-12
 
 
-def bn_term(models, x: torch.Tensor) -> torch.Tensor:
-    recorder = BNStatsRecorder(models)
+def bn_term(models, x: torch.Tensor, path: fast.ComputePath = fast.FAST) -> torch.Tensor:
+    recorder = BNStatsRecorder(models, path)
     recorder.active = True
     for m in models:
         m(x)
@@ -91,8 +91,7 @@ def test_bn_term_from_folded_layers_equals_the_unfolded_one(pair, dtype: torch.d
     try:
         copies = [fast.compute_copy(t) for t in teachers]
         x = torch.rand(32, 1, SIZE, SIZE, dtype=dtype, requires_grad=True)
-        with fast.reference_path():
-            expected = bn_term(teachers, x)
+        expected = bn_term(teachers, x, fast.REFERENCE)
         (g_expected,) = torch.autograd.grad(expected, x)
         got = bn_term(copies, x)
         (g_got,) = torch.autograd.grad(got, x)
@@ -104,8 +103,10 @@ def test_bn_term_from_folded_layers_equals_the_unfolded_one(pair, dtype: torch.d
             t.float()
 
 
-def routed_bn_term(models: dict, x: torch.Tensor, weights: dict | None) -> torch.Tensor:
-    recorder = RoutedBNStats(models)
+def routed_bn_term(
+    models: dict, x: torch.Tensor, weights: dict | None, path: fast.ComputePath = fast.FAST
+) -> torch.Tensor:
+    recorder = RoutedBNStats(models, path)
     recorder.active = True
     for m in models.values():
         m(x)
@@ -121,17 +122,17 @@ def test_owner_routed_bn_term_matches_its_definition(pair, path: str) -> None:
     teachers = {b.name: b.model for b in pair}
     models = teachers if path == "reference" else {n: fast.compute_copy(t) for n, t in teachers.items()}
     x = torch.rand(24, 1, SIZE, SIZE, requires_grad=True)
-    with fast.reference_path(path == "reference"):
-        batch = bn_term(list(models.values()), x)
-        uniform = routed_bn_term(models, x, None)
-        torch.testing.assert_close(uniform, batch, rtol=1e-5, atol=1e-5)
-        owner_a = torch.zeros(24)
-        owner_a[:8] = 1.0  # teacher a owns the first 8 samples, b the other 16
-        weights = {"a": 2 * owner_a, "b": 2 * (1 - owner_a)}  # M·q, mean 1 over the batch
-        got = routed_bn_term(models, x, weights)
-        expected = (8 / 24 * 2) * bn_term([models["a"]], x[:8]) + (16 / 24 * 2) * bn_term(
-            [models["b"]], x[8:]
-        )
+    compute = fast.REFERENCE if path == "reference" else fast.FAST
+    batch = bn_term(list(models.values()), x, compute)
+    uniform = routed_bn_term(models, x, None, compute)
+    torch.testing.assert_close(uniform, batch, rtol=1e-5, atol=1e-5)
+    owner_a = torch.zeros(24)
+    owner_a[:8] = 1.0  # teacher a owns the first 8 samples, b the other 16
+    weights = {"a": 2 * owner_a, "b": 2 * (1 - owner_a)}  # M·q, mean 1 over the batch
+    got = routed_bn_term(models, x, weights, compute)
+    expected = (8 / 24 * 2) * bn_term([models["a"]], x[:8], compute) + (16 / 24 * 2) * bn_term(
+        [models["b"]], x[8:], compute
+    )
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
     (grad,) = torch.autograd.grad(got, x)
     assert torch.any(grad[:8] != 0) and torch.any(grad[8:] != 0)
@@ -160,8 +161,7 @@ def test_a_bn_with_tiny_gamma_is_kept_unfolded() -> None:
     assert isinstance(copy.blocks[0][1], nn.BatchNorm2d)
     assert sum(isinstance(m, fast.FoldedBatchNorm) for m in copy.modules()) >= 2
     x = torch.rand(16, 1, SIZE, SIZE)
-    with fast.reference_path():
-        expected = bn_term([teacher], x)
+    expected = bn_term([teacher], x, fast.REFERENCE)
     torch.testing.assert_close(bn_term([copy], x), expected, rtol=1e-5, atol=1e-5)
 
 
@@ -233,22 +233,24 @@ def test_accelerate_keeps_parameters_names_and_export(pair) -> None:
 def test_autocast_only_on_cuda() -> None:
     from contextlib import nullcontext
 
-    assert isinstance(fast.autocast(CPU), nullcontext)
-    assert fast.adam_options(CPU) == {"fused": True}
-    with fast.reference_path():
-        assert fast.adam_options(CPU) == {}
+    assert isinstance(fast.FAST.autocast(CPU), nullcontext)
+    assert fast.FAST.adam_options(CPU) == {"fused": True}
+    assert fast.REFERENCE.adam_options(CPU) == {}
 
 
 # --- stages on both paths ------------------------------------------------------------------------------
 
 
+def path_of(reference: bool) -> fast.ComputePath:
+    return fast.REFERENCE if reference else fast.FAST
+
+
 def build_gan(pair, reference: bool, dtype: torch.dtype = torch.float32):
-    with fast.reference_path(reference):
-        torch.manual_seed(0)
-        teachers = teacher_set_from_bundles(pair, None).to(dtype)
-        union = UnionRule(teachers).to(dtype)
-        gan = AmalgamatingGAN(teachers, union, tiny_config().gan).to(dtype)
-        trainer = GanTrainer(gan, seed=0, device=CPU)
+    torch.manual_seed(0)
+    teachers = teacher_set_from_bundles(pair, None, path_of(reference)).to(dtype)
+    union = UnionRule(teachers).to(dtype)
+    gan = AmalgamatingGAN(teachers, union, tiny_config().gan).to(dtype)
+    trainer = GanTrainer(gan, seed=0, device=CPU)
     return trainer
 
 
@@ -258,6 +260,9 @@ def test_stage1_losses_and_gradients_match_the_reference(pair) -> None:
         z = ref.gan.sample_latent(16, torch.Generator().manual_seed(0), CPU)
         assert quick.gan.compute["a"] is not ref.gan.compute["a"]
         assert isinstance(ref.gan.compute["a"].blocks[0][1], nn.BatchNorm2d)  # the teacher itself
+        # the path is the object's, not the process's: the trainer built first keeps the reference path
+        assert not ref.optimizer.defaults.get("fused") and quick.optimizer.defaults.get("fused")
+        assert not ref.gan.bn_stats._fast and quick.gan.bn_stats._fast
         parts = {}
         for name, trainer in (("ref", ref), ("fast", quick)):
             p, _ = trainer.gan.losses(z.to(dtype))
@@ -304,12 +309,11 @@ def test_teachers_unchanged_after_fast_stages(pair) -> None:
 
 
 def stage2_pair(pair, reference: bool, bank: SampleBank, gan_channels: dict[int, int]):
-    with fast.reference_path(reference):
-        teachers = teacher_set_from_bundles(pair, None)
-        union = UnionRule(teachers)
-        torch.manual_seed(7)
-        dual = DualGenerator(build_student("lenet5:0.5", teachers), teachers, gan_channels)
-        trainer = BlockTrainer(dual, union, tiny_config().blocks, iter(()), CPU)
+    teachers = teacher_set_from_bundles(pair, None, path_of(reference))
+    union = UnionRule(teachers)
+    torch.manual_seed(7)
+    dual = DualGenerator(build_student("lenet5:0.5", teachers), teachers, gan_channels)
+    trainer = BlockTrainer(dual, union, tiny_config().blocks, iter(()), CPU)
     return trainer
 
 
@@ -332,8 +336,9 @@ def test_stage2_and_finetune_losses_match_the_reference(pair) -> None:
             assert rel(q.grad, p.grad) < 1e-3
     losses = []
     for reference, trainer in ((True, ref), (False, quick)):
-        with fast.reference_path(reference):
-            net = TargetNet.from_dual(trainer.dual, teachers.label_tasks)
-            tune = FinetuneTrainer(net, trainer.union, tiny_config().regroup, iter([batch, batch]), CPU)
+        net = TargetNet.from_dual(trainer.dual, teachers.label_tasks)
+        batches = iter([batch, batch])
+        path = path_of(reference)
+        tune = FinetuneTrainer(net, trainer.union, tiny_config().regroup, batches, CPU, path=path)
         losses.append([tune.step(0, 2)["loss"], tune.step(1, 2)["loss"]])
     torch.testing.assert_close(torch.stack(losses[1]), torch.stack(losses[0]), rtol=1e-5, atol=1e-6)

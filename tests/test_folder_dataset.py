@@ -164,7 +164,7 @@ def test_a_benchmark_on_an_rgb_folder_trains_teachers_of_two_families_and_scores
     rows = {r["method"]: r for r in csv.DictReader((out / "tiny-rgb.csv").open())}
     assert set(rows) == {"ensemble", "dfka", "kd-real"}
     for row in rows.values():  # scored on the folder's 120 test images over all ten labels
-        assert 0.0 <= float(row["union_acc"]) <= 1.0 and row["acc.lo"] and row["acc.hi"]
+        assert 0.0 <= float(row["acc"]) <= 1.0 and row["task.lo.acc"] and row["task.hi.acc"]
     manifests = sorted((tmp_path / "home" / "bench" / "teachers").glob("*/teacher.json"))
     families = {json.loads(m.read_text())["arch"]["arch"] for m in manifests}
     assert families == {"resnet18", "vgg"}

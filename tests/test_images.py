@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from dfka import __version__
+from dfka.ops.placement import DEFAULT_CPU_PLACEMENT, DEFAULT_GPU_PLACEMENT
 from dfka.pipeline_config import STAGE_CPU_IMAGE, STAGE_IMAGE
-from dfka.placement import DEFAULT_CPU_PLACEMENT, DEFAULT_GPU_PLACEMENT
 
 ROOT = Path(__file__).resolve().parents[1]
 GPU = ROOT / "images" / "stage.Dockerfile"
@@ -148,7 +148,7 @@ def test_cpu_base_is_python_311_with_the_cpu_wheel() -> None:
 def test_runtime_settings(path: Path, threads: str) -> None:
     env = env_of(path)
     assert env["PYTHONUNBUFFERED"] == "1"
-    assert env["OMP_NUM_THREADS"] == threads  # as many threads as the stage's CPUs (dfka.placement)
+    assert env["OMP_NUM_THREADS"] == threads  # as many threads as the stage's CPUs (dfka.ops.placement)
     (user,) = [a for k, a in instructions(path) if k == "USER"]
     uid = user.split(":")[0]
     assert uid.isdigit() and int(uid) != 0  # numeric, so Kubernetes can verify runAsNonRoot

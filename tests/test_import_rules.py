@@ -5,11 +5,12 @@ The scan sees every ``import`` statement in a module, wherever it is: at the top
 lazy import), under ``if TYPE_CHECKING:``, and ``importlib.import_module("dfka....")`` with a constant
 name. So a rule cannot be dodged by hiding an import in a function body.
 
-1. The training core (``dfka.amalgamation``) imports nothing from the orchestration layers (stages,
-   bench, CLI, cluster doctor, local stack, experiment schema) nor kfp, directly or through other dfka
-   modules.
-2. No dfka module imports kfp: ``components/`` and ``pipelines/`` (outside ``src/dfka``) wrap the library.
-3. The dfka-internal import graph has no cycles.
+1. The training core (the method, ``dfka.amalgamation``, and the engine, ``dfka.engine``) imports
+   nothing from the orchestration layers (stages, bench, CLI, ops tooling, experiment schema) nor kfp,
+   directly or through other dfka modules.
+2. The engine is below the method: ``dfka.engine`` never reaches ``dfka.amalgamation`` or the baselines.
+3. No dfka module imports kfp: ``components/`` and ``pipelines/`` (outside ``src/dfka``) wrap the library.
+4. The dfka-internal import graph has no cycles.
 """
 
 from __future__ import annotations
@@ -22,14 +23,16 @@ from pathlib import Path
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 PACKAGE = "dfka"
-CORE = ("dfka.amalgamation",)
+CORE = ("dfka.amalgamation", "dfka.engine")
+ENGINE = ("dfka.engine",)
+#: what the engine must not reach: the method it runs
+FORBIDDEN_FOR_ENGINE = ("dfka.amalgamation", "dfka.baselines")
 #: what the training core must not reach, directly or transitively
 FORBIDDEN_FOR_CORE = (
     "dfka.stages",
     "dfka.bench",
     "dfka.cli",
-    "dfka.cluster",
-    "dfka.stack",
+    "dfka.ops",
     "dfka.pipeline_config",
     "kfp",
 )
@@ -232,9 +235,16 @@ def summary(modules: set[str], edges: list[Edge]) -> str:
 
 def test_training_core_imports_no_orchestration():
     modules, edges = scan(SRC)
-    assert any(_inside(m, CORE[0]) for m in modules), "the scan found no dfka.amalgamation module"
+    for package in CORE:
+        assert any(_inside(m, package) for m in modules), f"the scan found no {package} module"
     problems = forbidden_imports(modules, edges, CORE, FORBIDDEN_FOR_CORE)
     assert not problems, "the training core must not import orchestration code:\n" + "\n".join(problems)
+
+
+def test_the_engine_runs_the_method_without_importing_it():
+    modules, edges = scan(SRC)
+    problems = forbidden_imports(modules, edges, ENGINE, FORBIDDEN_FOR_ENGINE)
+    assert not problems, "dfka.engine must not import the method:\n" + "\n".join(problems)
 
 
 def test_library_never_imports_kfp():

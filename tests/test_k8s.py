@@ -19,14 +19,14 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dfka.cluster import (
+from dfka.ops.cluster import (
     PLACEHOLDER,
     SUPPORTED_K8S,
     mlflow_tracking_uri,
     supported_range_text,
     toleration_as_taint,
 )
-from dfka.placement import DEFAULT_GPU_PLACEMENT, GPU_POOL_LABEL_KEY, GPU_POOL_LABEL_VALUE, GPU_RESOURCE
+from dfka.ops.placement import DEFAULT_GPU_PLACEMENT, GPU_POOL_LABEL_KEY, GPU_POOL_LABEL_VALUE, GPU_RESOURCE
 from dfka.settings import (
     KFP_LAUNCHER_CONFIGMAP,
     MLFLOW_EXTERNAL_URL_ENV,
@@ -530,7 +530,7 @@ def test_rendered_secrets_hold_only_template_values(
 
 
 # ---------------------------------------------------------------------------------------------
-# GPU pools: examples and docs agree with dfka.placement
+# GPU pools: examples and docs agree with dfka.ops.placement
 # ---------------------------------------------------------------------------------------------
 
 

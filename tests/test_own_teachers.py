@@ -228,14 +228,13 @@ def test_own_teachers_and_test_set_through_the_cli(stack_env, weights, tmp_path:
     metrics = {
         line.split()[0]: float(line.split()[1])
         for line in run.stdout.splitlines()
-        if line.split() and line.split()[0].startswith(("student.", "ensemble.", "teacher_"))
+        if line.split() and line.split()[0].startswith("test.")
     }
     # the student is three steps old, so only the wiring is checked: each label folder reached the right
     # output (the teachers are near-perfect on their own labels), and every metric was computed
-    assert metrics["teacher_acc.fauna-a"] > 0.9 and metrics["teacher_acc.fauna-b"] > 0.9, metrics
-    assert {"student.union_acc", "ensemble.union_acc", "student.acc.fauna-a", "ensemble.acc.fauna-b"} <= set(
-        metrics
-    )
+    assert metrics["test.teacher.fauna-a.acc"] > 0.9 and metrics["test.teacher.fauna-b.acc"] > 0.9, metrics
+    wanted = {"test.student.acc", "test.ensemble.acc", "test.student.task.fauna-a.acc"}
+    assert wanted | {"test.ensemble.task.fauna-b.acc"} <= set(metrics)
     assert (tmp_path / "targetnet" / "targetnet.json").is_file()
 
 

@@ -9,6 +9,7 @@ import pytest
 from dfka.amalgamation.config import AmalgamationConfig
 from dfka.data.labels import resolve_target_labels
 from dfka.errors import ConfigError, LabelError
+from dfka.ops.placement import DEFAULT_GPU_PLACEMENT
 from dfka.pipeline_config import (
     DEMO_TEACHERS,
     ExperimentConfig,
@@ -16,7 +17,6 @@ from dfka.pipeline_config import (
     method_parameters,
     resolve_method_config,
 )
-from dfka.placement import DEFAULT_GPU_PLACEMENT
 from dfka.settings import MLFLOW_EXTERNAL_URL_ENV, mlflow_browser_url
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from dfka.errors import ConfigError
+from dfka.ops.placement import DEFAULT_CPU_PLACEMENT, DEFAULT_GPU_PLACEMENT, Toleration
 from dfka.pipeline_config import (
     CPU_STAGES,
     DEMO_TEACHERS,
@@ -27,7 +28,6 @@ from dfka.pipeline_config import (
     STAGES,
     ExperimentConfig,
 )
-from dfka.placement import DEFAULT_CPU_PLACEMENT, DEFAULT_GPU_PLACEMENT, Toleration
 from dfka.settings import (
     PIPELINE_CONFIG_KEYS,
     PIPELINE_CONFIG_OPTIONAL_KEYS,
@@ -141,7 +141,7 @@ def test_gpu_placement_and_retries_on_training_stages_only(compiled: Path) -> No
         )
         assert res["resourceCpuLimit"] == gpu.cpu_limit and res["resourceMemoryLimit"] == gpu.memory_limit
         assert container["image"] == STAGE_IMAGE
-        assert platform[ex]["nodeSelector"]["labels"] == gpu.node_selector  # == dfka.placement == k8s/
+        assert platform[ex]["nodeSelector"]["labels"] == gpu.node_selector  # == dfka.ops.placement == k8s/
         assert platform[ex]["tolerations"] == expected_tolerations
         retry = tasks[stage]["retryPolicy"]
         assert retry["maxRetryCount"] == 3 and retry["backoffDuration"] == "60s"
@@ -214,7 +214,7 @@ def test_wildcard_tolerations_compile_as_kubernetes_reads_them(tmp_path: Path) -
 
 def test_dfka_never_imports_kfp() -> None:
     code = (
-        "import sys, dfka, dfka.cli, dfka.stages, dfka.pipeline_config, dfka.pipeline_runner, "
+        "import sys, dfka, dfka.cli, dfka.stages, dfka.pipeline_config, dfka.ops.pipeline_runner, "
         "dfka.stages.component_io; dfka.cli.build_parser(); "
         "assert not [m for m in sys.modules if m == 'kfp' or m.startswith('kfp.')], 'dfka imported kfp'"
     )

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from dfka.checkpoint import Checkpoints
 from dfka.cli import main as cli
-from dfka.stack import StackPorts, credentials, stack_down, stack_up
+from dfka.engine.checkpoint import Checkpoints
+from dfka.ops.stack import StackPorts, credentials, stack_down, stack_up
 from tests import faults
 
 STAGE = "train-amalgamating-gan"

@@ -27,10 +27,10 @@ import torch
 import dfka.amalgamation.run as engine_run
 from dfka import stages, storage
 from dfka.amalgamation.config import AmalgamationConfig, Budget
-from dfka.amalgamation.engine import run_loop
 from dfka.amalgamation.run import regroup, teacher_set_from_bundles, train_blocks, train_gan
 from dfka.amalgamation.union import UnionRule
-from dfka.checkpoint import MANIFEST, TENSORS, Checkpoints, Position, pack, unpack
+from dfka.engine.checkpoint import MANIFEST, TENSORS, Checkpoints, Position, pack, unpack
+from dfka.engine.loop import run_loop
 from dfka.errors import CheckpointError, ConfigError
 from dfka.stages.context import RunContext
 from tests import faults
@@ -90,7 +90,7 @@ def test_checkpoint_holds_state_rngs_position_and_hash(tmp_path: Path) -> None:
     assert files == [MANIFEST, TENSORS]  # nothing else: no pickle anywhere
     manifest = json.loads((Path(prefix) / MANIFEST).read_text())
     assert manifest["config_hash"] == "abc" and manifest["position"]["step"] == 10
-    assert manifest["format"] == "dfka.checkpoint/v1" and len(manifest["tensors"]["sha256"]) == 64
+    assert manifest["format"] == "dfka.engine.checkpoint/v1" and len(manifest["tensors"]["sha256"]) == 64
 
     other = Box(99)
     torch.manual_seed(0)

@@ -19,13 +19,13 @@ import pytest
 import yaml
 
 from dfka.errors import DfkaError
-from dfka.run_lock import RunLocked, check_run_id, processes_with_env, run_lock, stop_leftovers
+from dfka.ops.run_lock import RunLocked, check_run_id, processes_with_env, run_lock, stop_leftovers
 from tests.test_stages import tiny_mnist_teacher
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = [f"digit_{i}" for i in range(10)]
 HOLD = (
-    "import sys, time; from pathlib import Path; from dfka.run_lock import run_lock\n"
+    "import sys, time; from pathlib import Path; from dfka.ops.run_lock import run_lock\n"
     "with run_lock(Path(sys.argv[1]), 'r1'):\n    print('held', flush=True); time.sleep(120)\n"
 )
 

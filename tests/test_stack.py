@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from dfka import stack as stack_mod
 from dfka.cli import main
 from dfka.errors import StackError
-from dfka.stack import StackPorts, mlflow_server_args, stack_down, stack_status, stack_up
+from dfka.ops import stack as stack_mod
+from dfka.ops.stack import StackPorts, mlflow_server_args, stack_down, stack_status, stack_up
 from tests.conftest import STACK_ENV_KEYS
 
 

@@ -16,7 +16,7 @@ from minio import Minio
 
 from dfka import storage
 from dfka.errors import StorageError
-from dfka.stack import StackPorts, credentials, stack_down, stack_up
+from dfka.ops.stack import StackPorts, credentials, stack_down, stack_up
 
 MiB = 1024 * 1024
 

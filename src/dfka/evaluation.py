@@ -11,6 +11,13 @@ and the benchmark give one model the same numbers).
   the student, so a table compares like with like.
 
 This is the only place dfka looks at real images when amalgamating, and only at the test split.
+
+**Metric names** (one set, everywhere): a model's scores are ``<metric>`` (the union: ``acc`` or
+``map``), ``task.<teacher>.<metric>`` (teacher m's sub-task) and ``acc.<label>`` / ``ap.<label>`` (per
+label); a teacher on its own labels is ``teacher.<teacher>.<metric>``. MLflow keys put the split and
+the model in front: ``test.student.acc``, ``test.ensemble.task.lo.acc``, ``test.teacher.lo.acc`` from
+the ``evaluate`` stage and from ``dfka bench run`` alike; a benchmark's result files, which hold one
+model per row, keep the short form.
 """
 
 from __future__ import annotations
@@ -154,6 +161,16 @@ def build_eval_set(
     return EvalSet(images, targets, list(label_names), task, subtasks)
 
 
+def task_key(teacher: str, metric: str) -> str:
+    """The name of a model's score on teacher ``teacher``'s sub-task."""
+    return f"task.{teacher}.{metric}"
+
+
+def teacher_key(teacher: str, metric: str) -> str:
+    """The name of a teacher's score on its own labels."""
+    return f"teacher.{teacher}.{metric}"
+
+
 def metric_value(scores: torch.Tensor, targets: torch.Tensor, task: str) -> float:
     if task == "multiclass":
         return accuracy(scores, targets)
@@ -161,12 +178,13 @@ def metric_value(scores: torch.Tensor, targets: torch.Tensor, task: str) -> floa
 
 
 def score_subtasks(scores: torch.Tensor, ev: EvalSet, prefix: str = "") -> dict[str, float]:
-    """``<prefix>union_<metric>`` and ``<prefix><metric>.<teacher>`` from Y_cst scores on ``ev.images``."""
+    """``<prefix><metric>`` (the union) and ``<prefix>task.<teacher>.<metric>`` from Y_cst scores on
+    ``ev.images``."""
     m = ev.metric
-    out = {f"{prefix}union_{m}": metric_value(scores, ev.targets, ev.task)}
+    out = {f"{prefix}{m}": metric_value(scores, ev.targets, ev.task)}
     for name, sub in ev.subtasks.items():
         restricted = scores[sub.index][:, sub.positions]
-        out[f"{prefix}{m}.{name}"] = metric_value(restricted, sub.targets, ev.task)
+        out[prefix + task_key(name, m)] = metric_value(restricted, sub.targets, ev.task)
     return out
 
 
@@ -177,12 +195,13 @@ def evaluate_model(model: Model, ev: EvalSet) -> tuple[dict[str, float], torch.T
 
 
 def score_teachers(logits: Mapping[str, torch.Tensor], ev: EvalSet) -> dict[str, float]:
-    """``teacher_<metric>.<name>`` from each teacher's logits on all of ``ev``'s images: the teacher on
+    """``teacher.<name>.<metric>`` from each teacher's logits on all of ``ev``'s images: the teacher on
     its own labels (within Y_cst), on its sub-task images."""
     out = {}
     for name, full in logits.items():
         sub = ev.subtasks[name]
-        out[f"teacher_{ev.metric}.{name}"] = metric_value(full[sub.index][:, sub.sel], sub.targets, ev.task)
+        value = metric_value(full[sub.index][:, sub.sel], sub.targets, ev.task)
+        out[teacher_key(name, ev.metric)] = value
     return out
 
 
@@ -192,7 +211,7 @@ def evaluate_teachers(teachers: TeacherSet, ev: EvalSet) -> dict[str, float]:
     for name, model in teachers:
         sub = ev.subtasks[name]
         logits = predict(model, ev.images[sub.index], batch_size=BATCH)[:, sub.sel]
-        out[f"teacher_{ev.metric}.{name}"] = metric_value(logits, sub.targets, ev.task)
+        out[teacher_key(name, ev.metric)] = metric_value(logits, sub.targets, ev.task)
     return out
 
 

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from dfka import __version__
 from dfka.amalgamation.config import AmalgamationConfig
 from dfka.errors import ConfigError, describe_validation
-from dfka.placement import CpuPlacement, GpuPlacement
+from dfka.ops.placement import CpuPlacement, GpuPlacement
 from dfka.settings import CHECKPOINT_EVERY_ENV, DEFAULT_CHECKPOINT_EVERY, PIPELINE_CONFIGMAP, S3_SECRET
 
 #: The stage images (images/stage.Dockerfile, images/stage-cpu.Dockerfile); tags follow dfka's version.

@@ -37,10 +37,10 @@ from urllib.parse import urlsplit
 #: The pipeline run id (see dfka.stages.context) and the git commit of the code that runs.
 RUN_ID_ENV = "DFKA_KFP_RUN_ID"
 GIT_COMMIT_ENV = "DFKA_GIT_COMMIT"
-#: Steps between the training stages' checkpoints (``dfka.checkpoint``; the pipeline sets the variable).
+#: Steps between the training stages' checkpoints (``dfka.engine.checkpoint``; the pipeline sets the variable).
 CHECKPOINT_EVERY_ENV = "DFKA_CHECKPOINT_EVERY"
 DEFAULT_CHECKPOINT_EVERY = 500
-#: Set by ``dfka pipeline run`` (dfka.pipeline_runner) on pipelines/run_local.py: the runner dies with it.
+#: Set by ``dfka pipeline run`` (dfka.ops.pipeline_runner) on pipelines/run_local.py: the runner dies with it.
 PARENT_PID_ENV = "DFKA_PARENT_PID"
 #: Module prefixes whose architecture factories a spec may name by import path (dfka.models.registry).
 ARCH_MODULES_ENV = "DFKA_ARCH_MODULES"

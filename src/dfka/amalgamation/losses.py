@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfka.amalgamation import fast
+from dfka.engine import fast
 
 if TYPE_CHECKING:
     from dfka.amalgamation.teacher_set import TeacherSet
@@ -104,13 +104,15 @@ class BNStatsRecorder:
     data-free methods, and the model card says so.
     """
 
-    def __init__(self, modules: Iterable[nn.Module] | Mapping[str, nn.Module]):
+    def __init__(
+        self, modules: Iterable[nn.Module] | Mapping[str, nn.Module], path: fast.ComputePath = fast.FAST
+    ):
         self.active = False
         self.terms: list[torch.Tensor] = []
         self._handles = []
         # fast path: one-pass backward for the moments; BNs folded into their conv (fast.compute_copy)
         # report their input's statistics from the folded output
-        self._fast = fast.enabled()
+        self._fast = path.fast
         named = modules.items() if isinstance(modules, Mapping) else ((None, m) for m in modules)
         for key, module in named:
             for m in module.modules():
@@ -179,10 +181,10 @@ class RoutedBNStats(BNStatsRecorder):
     have scored the batch.
     """
 
-    def __init__(self, modules: Mapping[str, nn.Module]):
+    def __init__(self, modules: Mapping[str, nn.Module], path: fast.ComputePath = fast.FAST):
         #: (teacher, BN module, per-sample mean (N, C), per-sample mean of squares (N, C)) per BN call
         self.records: list[tuple[str | None, nn.Module, torch.Tensor, torch.Tensor]] = []
-        super().__init__(modules)
+        super().__init__(modules, path)
 
     def _hook(self, key: str | None, module: nn.Module, inputs: tuple[torch.Tensor, ...], _out: torch.Tensor):
         if not self.active:
@@ -218,10 +220,12 @@ class RoutedBNStats(BNStatsRecorder):
         return self.pop(owner_weights(teachers, logits))
 
 
-def bn_recorder(modules: Mapping[str, nn.Module], routing: str) -> BNStatsRecorder:
+def bn_recorder(
+    modules: Mapping[str, nn.Module], routing: str, path: fast.ComputePath = fast.FAST
+) -> BNStatsRecorder:
     """BN-statistics matching over the teachers ``modules`` as ``gan.bn_routing`` says: ``owner`` (routed
     by ownership, :class:`RoutedBNStats`) or ``batch`` (the whole batch, :class:`BNStatsRecorder`)."""
-    return RoutedBNStats(modules) if routing == "owner" else BNStatsRecorder(modules)
+    return (RoutedBNStats if routing == "owner" else BNStatsRecorder)(modules, path)
 
 
 class InputRecorder:

@@ -25,10 +25,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dfka import __version__
-from dfka.amalgamation import fast
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.config import RegroupConfig
-from dfka.amalgamation.engine import cosine_lr, set_lr
 from dfka.amalgamation.origin import (
     OriginSlots,
     cross_teacher_mix,
@@ -40,6 +38,8 @@ from dfka.amalgamation.stage2 import Branch, DualGenerator
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.bundles import sha256_file
+from dfka.engine import fast
+from dfka.engine.loop import cosine_lr, set_lr
 from dfka.errors import BundleError
 from dfka.models import build_model
 
@@ -219,8 +219,10 @@ class FinetuneTrainer:
         teachers: TeacherSet | None = None,
         union_weight: float = 1.0,
         seed: int = 0,
+        path: fast.ComputePath = fast.FAST,
     ):
-        self.net = fast.accelerate(net.to(device), device)
+        self.path = path
+        self.net = path.accelerate(net.to(device), device)
         self.device = device
         self.union = union
         self.cfg = cfg
@@ -229,7 +231,7 @@ class FinetuneTrainer:
         self.teachers = teachers
         self.union_weight = union_weight
         self.rng = torch.Generator().manual_seed(seed)
-        self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, **fast.adam_options(device))
+        self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, **path.adam_options(device))
         self.mix = 0
         if origin is not None and teachers is not None and cfg.origin.mix > 0:
             self.mix = max(1, round(cfg.origin.mix * cfg.batch_size))
@@ -246,12 +248,12 @@ class FinetuneTrainer:
         if self.mix:
             mixed = cross_teacher_mix(image, self.origin, self.origin.decode(batch.z), self.mix, self.rng)
             mixed = shift(mixed, self.cfg.augment_shift, self.rng)
-            with torch.no_grad(), fast.autocast(self.device):
+            with torch.no_grad(), self.path.autocast(self.device):
                 mix_logits = {name: m(mixed).float() for name, m in self.compute.items()}
             mix_target = self.union(mix_logits)
         if self.origin is not None:
             image = shift(image, self.cfg.augment_shift, self.rng)
-        with fast.autocast(self.device):
+        with self.path.autocast(self.device):
             scores = self.net(image if mixed is None else torch.cat([image, mixed]))
         scores = scores.float()
         if mixed is not None:

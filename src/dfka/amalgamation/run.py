@@ -15,7 +15,6 @@ from typing import Any
 import torch
 
 from dfka.amalgamation.config import AmalgamationConfig, Budget
-from dfka.amalgamation.engine import LoopResult, run_loop
 from dfka.amalgamation.origin import OriginSlots, fit_routing_bias, union_trust
 from dfka.amalgamation.regroup import FinetuneTrainer, TargetNet
 from dfka.amalgamation.routing import calibrate_routing
@@ -25,8 +24,10 @@ from dfka.amalgamation.stage2 import BlockTrainer, DualGenerator
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule
 from dfka.bundles import TeacherBundle
-from dfka.checkpoint import Checkpoints, Position
 from dfka.data.guard import data_free
+from dfka.engine import fast
+from dfka.engine.checkpoint import Checkpoints, Position
+from dfka.engine.loop import LoopResult, run_loop
 from dfka.models import BlockClassifier, build_model, parse_arch
 from dfka.models.registry import accepts
 from dfka.runtime import pick_device, seed_everything, set_threads
@@ -36,7 +37,9 @@ MetricsCallback = Callable[[dict[str, float], int], None]
 
 
 def teacher_set_from_bundles(
-    bundles: Sequence[TeacherBundle], target_labels: Sequence[str] | None
+    bundles: Sequence[TeacherBundle],
+    target_labels: Sequence[str] | None,
+    path: fast.ComputePath = fast.FAST,
 ) -> TeacherSet:
     names = [b.name for b in bundles]
     dupes = sorted({n for n in names if names.count(n) > 1})
@@ -51,6 +54,7 @@ def teacher_set_from_bundles(
         {b.name: b.labels for b in bundles},
         {b.name: b.task for b in bundles},
         target_labels,
+        path,
     )
 
 
@@ -102,7 +106,7 @@ def checkpointed_loop(
     save_done: bool = True,
     **loop: Any,
 ) -> LoopResult:
-    """:func:`~dfka.amalgamation.engine.run_loop` resumed from checkpoint position ``at`` (``None``: from
+    """:func:`~dfka.engine.loop.run_loop` resumed from checkpoint position ``at`` (``None``: from
     the start), checkpointing ``state`` every ``checkpoints.every`` steps; with ``save_done`` it ends
     with a *done* checkpoint, unless ``at`` already is that one. The one home of the restore → loop →
     save sequence of every training phase (a resumed time budget continues with the time left)."""
@@ -318,6 +322,7 @@ def regroup(
                 device,
                 origin=origin,
                 teachers=dual.teachers,
+                path=dual.teachers.path,
                 union_weight=cfg.regroup.origin.union_kd,
                 seed=cfg.seed + 3,
             )

@@ -27,7 +27,6 @@ import torch
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 
-from dfka.amalgamation import fast
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.stage1 import AmalgamatingGAN
 from dfka.bundles import sha256_file
@@ -55,7 +54,7 @@ class Sampler:
         self.rng = torch.Generator().manual_seed(seed)
         # the compute path stage 1 trained on (idempotent): a GAN loaded from its artifact then samples
         # exactly like the one still in memory
-        fast.accelerate(gan.generator, self.device)
+        gan.teachers.path.accelerate(gan.generator, self.device)
 
     @torch.no_grad()
     def sample(self, n: int | None = None) -> SampleBatch:

@@ -29,10 +29,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from dfka.amalgamation import fast
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.config import GanConfig
-from dfka.amalgamation.engine import cosine_lr, set_lr
 from dfka.amalgamation.filters import TeacherFilter
 from dfka.amalgamation.generator import GroupStackGenerator
 from dfka.amalgamation.losses import (
@@ -50,6 +48,7 @@ from dfka.amalgamation.losses import (
 from dfka.amalgamation.origin import OriginSlots, diversity_hinge, own_label_loss, routing_loss, shift
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
+from dfka.engine.loop import cosine_lr, set_lr
 from dfka.errors import ConfigError
 from dfka.models import BlockClassifier
 
@@ -129,7 +128,7 @@ class AmalgamatingGAN(nn.Module):
         self.compute = teachers.compute_models()
         self.bn_stats: BNStatsRecorder | None = None
         if cfg.loss.bn > 0:
-            self.bn_stats = bn_recorder(self.compute, cfg.bn_routing)
+            self.bn_stats = bn_recorder(self.compute, cfg.bn_routing, teachers.path)
         self.pre_head = InputRecorder({name: model.head for name, model in self.compute.items()})
         # DFAD-style proxy student, only when the adversarial term is on.
         self.student = student if cfg.loss.adv > 0 else None
@@ -218,10 +217,11 @@ class GanTrainer:
 
     def __init__(self, gan: AmalgamatingGAN, seed: int, device: torch.device):
         self.gan = gan.to(device)
-        fast.accelerate(gan.generator, device)
+        self.path = gan.teachers.path
+        self.path.accelerate(gan.generator, device)
         self.device = device
         self.cfg = gan.cfg
-        adam = fast.adam_options(device)
+        adam = self.path.adam_options(device)
         self.optimizer = torch.optim.Adam(
             gan.trainable_parameters(), lr=self.cfg.lr, betas=(0.5, 0.999), **adam
         )
@@ -239,7 +239,7 @@ class GanTrainer:
         lr = cosine_lr(self.cfg.lr, step, total)
         set_lr(self.optimizer, lr)
         z = self.gan.sample_latent(self.cfg.batch_size, self.rng, self.device)
-        with fast.autocast(self.device):
+        with self.path.autocast(self.device):
             parts, generated = self.gan.losses(z, self.rng)
             loss = self.gan.weighted(parts)
         self.optimizer.zero_grad(set_to_none=True)

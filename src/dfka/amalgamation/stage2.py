@@ -27,13 +27,13 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
-from dfka.amalgamation import fast
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.config import BlocksConfig
-from dfka.amalgamation.engine import cosine_lr, set_lr
 from dfka.amalgamation.filters import ChannelGate, TeacherFilter, projection
 from dfka.amalgamation.teacher_set import TeacherSet, check_student
 from dfka.amalgamation.union import UnionRule, union_loss
+from dfka.engine import fast
+from dfka.engine.loop import cosine_lr, set_lr
 from dfka.models import BlockClassifier, frozen_bn_stats
 
 
@@ -112,10 +112,10 @@ class BlockTrainer:
         batches: Iterator[SampleBatch],
         device: torch.device,
     ):
-        self.dual = fast.accelerate(dual.to(device), device)
+        self.path = dual.teachers.path
+        self.dual = self.path.accelerate(dual.to(device), device)
         self.compute = dual.teachers.compute_models()  # teachers' compute copies on the fast path
-        self.fast = fast.enabled()
-        self.prefix = fast.PrefixCache() if self.fast else None  # frozen blocks 1..b-1 per bank sample
+        self.prefix = fast.PrefixCache() if self.path.fast else None  # frozen blocks 1..b-1 per sample
         self.union = union
         self.cfg = cfg
         self.batches = batches
@@ -140,7 +140,7 @@ class BlockTrainer:
         for p in self.dual.block_parameters(b):
             p.requires_grad_(True)
         self.optimizer = torch.optim.Adam(
-            self.dual.block_parameters(b), lr=self.cfg.lr, **fast.adam_options(self.device)
+            self.dual.block_parameters(b), lr=self.cfg.lr, **self.path.adam_options(self.device)
         )
         self._train_modes()
 
@@ -184,7 +184,7 @@ class BlockTrainer:
             # block only ever sees stream 1 (the student's own path).
             with frozen_bn_stats(student.blocks[b - 1]):
                 feature2 = student.run_blocks(adapted, b - 1, b)
-            if self.fast:  # filters and teachers act per sample: both streams in one batch
+            if self.path.fast:  # filters and teachers act per sample: both streams in one batch
                 scores1, scores2 = self.scores_from(torch.cat([feature1, feature2]), b).chunk(2)
             else:
                 scores1, scores2 = self.scores_from(feature1, b), self.scores_from(feature2, b)
@@ -207,7 +207,7 @@ class BlockTrainer:
         assert self.optimizer is not None, "call start_block first"
         self._train_modes()
         set_lr(self.optimizer, cosine_lr(self.cfg.lr, step, total))
-        with fast.autocast(self.device):
+        with self.path.autocast(self.device):
             out = self.block_loss(next(self.batches))
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from dfka.amalgamation import fast
+from dfka.engine import fast
 from dfka.errors import CompatibilityError, LabelError
 from dfka.models import BlockClassifier, count_flops, count_params, freeze
 
@@ -49,8 +49,11 @@ class TeacherSet(fast.FrozenTeachers):
         labels: Mapping[str, Sequence[str]],
         tasks: Mapping[str, str],
         target_labels: Sequence[str] | None = None,
+        path: fast.ComputePath = fast.FAST,
     ):
         super().__init__()
+        #: the compute path of every stage built on this set (:class:`~dfka.engine.fast.ComputePath`)
+        self.path = path
         if len(teachers) < 2:
             raise CompatibilityError(
                 f"amalgamation needs at least 2 teachers, got {len(teachers)}",
@@ -132,10 +135,10 @@ class TeacherSet(fast.FrozenTeachers):
 
     def compute_models(self) -> dict[str, BlockClassifier]:
         """The modules the stages evaluate: on the fast path, compute copies of the teachers (BatchNorm
-        folded, channels-last, see :mod:`dfka.amalgamation.fast`), built once and kept as a submodule
+        folded, channels-last, see :mod:`dfka.engine.fast`), built once and kept as a submodule
         without state; on the reference path, the teachers themselves. Outputs agree up to float
         rounding, and the teachers are never modified."""
-        if not fast.enabled():
+        if not self.path.fast:
             return dict(self.models.items())
         if "compute" not in self._modules:
             self.compute = fast.ComputeTeachers(dict(self.models.items()))

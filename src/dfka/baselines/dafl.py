@@ -17,15 +17,14 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from dfka.amalgamation import fast
 from dfka.amalgamation.config import AmalgamationConfig, Budget
-from dfka.amalgamation.engine import cosine_lr, run_loop, set_lr
 from dfka.amalgamation.losses import BNStatsRecorder, InputRecorder, bn_recorder
 from dfka.amalgamation.run import MetricsCallback, StageReport, build_student
 from dfka.amalgamation.stage1 import generator_terms
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.data.guard import data_free
+from dfka.engine.loop import cosine_lr, run_loop, set_lr
 
 
 class DaflConfig(BaseModel):
@@ -89,15 +88,15 @@ def train_dafl(
         student = build_student(cfg.student, teachers).to(device)
         # the same compute path as dfka (fast.py: folded teachers, GEMM thin convs, fused Adam), so that
         # equal wall-clock budgets buy both methods the same speed per step
-        fast.accelerate(generator, device)
-        fast.accelerate(student, device)
+        teachers.path.accelerate(generator, device)
+        teachers.path.accelerate(student, device)
         compute = teachers.compute_models()
-        adam = fast.adam_options(device)
+        adam = teachers.path.adam_options(device)
         opt_g = torch.optim.Adam(generator.parameters(), lr=cfg.gan.lr, betas=(0.5, 0.999), **adam)
         opt_s = torch.optim.Adam(student.parameters(), lr=cfg.blocks.lr, **adam)
         bn: BNStatsRecorder | None = None
         if cfg.gan.loss.bn > 0:
-            bn = bn_recorder(compute, options.bn_routing)
+            bn = bn_recorder(compute, options.bn_routing, teachers.path)
         heads = InputRecorder({n: m.head for n, m in compute.items()})
         rng = torch.Generator().manual_seed(cfg.seed)
         w = cfg.gan.loss

@@ -25,7 +25,6 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dfka.amalgamation.config import AmalgamationConfig, Budget
-from dfka.amalgamation.engine import cosine_lr, run_loop, set_lr
 from dfka.amalgamation.losses import BNStatsRecorder
 from dfka.amalgamation.run import MetricsCallback, StageReport, build_student
 from dfka.amalgamation.teacher_set import TeacherSet
@@ -33,6 +32,7 @@ from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.baselines.dafl import PlainGenerator
 from dfka.baselines.ensemble import teacher_logits
 from dfka.data.guard import data_free
+from dfka.engine.loop import cosine_lr, run_loop, set_lr
 from dfka.runtime import seed_everything
 
 

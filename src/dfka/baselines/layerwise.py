@@ -43,12 +43,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from dfka.amalgamation.config import AmalgamationConfig, Budget
-from dfka.amalgamation.engine import cosine_lr, run_loop, set_lr
 from dfka.amalgamation.run import MetricsCallback, StageReport, build_student
 from dfka.amalgamation.teacher_set import TeacherSet, check_student
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.baselines.ensemble import union_targets
 from dfka.baselines.kd_real import image_batches
+from dfka.engine.loop import cosine_lr, run_loop, set_lr
 from dfka.errors import CompatibilityError
 from dfka.models import BlockClassifier
 from dfka.models.resnet import BasicBlock

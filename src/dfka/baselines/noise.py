@@ -20,12 +20,12 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from dfka.amalgamation.config import AmalgamationConfig, Budget
-from dfka.amalgamation.engine import cosine_lr, run_loop, set_lr
 from dfka.amalgamation.run import MetricsCallback, StageReport, build_student
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.baselines.ensemble import union_targets
 from dfka.data.guard import data_free
+from dfka.engine.loop import cosine_lr, run_loop, set_lr
 from dfka.runtime import seed_everything
 
 

@@ -55,7 +55,7 @@ def load_eval_set(
 
 
 def probe_score(ev: EvalSet) -> Callable[[torch.nn.Module], float]:
-    """The union metric of a model on ``ev``, for a :class:`~dfka.amalgamation.probe.TimeProbe`."""
+    """The union metric of a model on ``ev``, for a :class:`~dfka.engine.probe.TimeProbe`."""
 
     def score(model: torch.nn.Module) -> float:
         device = next(model.parameters()).device

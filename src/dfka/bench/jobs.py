@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from dfka.amalgamation.config import AmalgamationConfig, Budget
-from dfka.amalgamation.probe import TimeProbe, probing
 from dfka.amalgamation.run import StageReport, teacher_set_from_bundles
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule
@@ -42,6 +41,7 @@ from dfka.bench.evaluate import (
 )
 from dfka.bundles import TeacherBundle, load_bundle
 from dfka.data.guard import data_free
+from dfka.engine.probe import TimeProbe, probing
 from dfka.evaluation import EvalSet, evaluate_model, evaluate_teachers
 from dfka.models import count_flops, count_params
 from dfka.runtime import pick_device, set_threads
@@ -143,7 +143,7 @@ def _probe_reference(cfg: BenchmarkConfig, teachers: TeacherSet, union: UnionRul
         "split": "dev",
         "images": len(probe),
         "points": PROBE_POINTS,
-        "ensemble": metrics[f"union_{probe.metric}"],
+        "ensemble": metrics[probe.metric],
     }
 
 

@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
-from dfka.amalgamation.probe import time_to_reach
 from dfka.bench.config import DATA_FREE, KIND, METHODS, WITH_DATA
 from dfka.bench.machine import describe_all, is_clean_commit
 from dfka.bench.results import atomic_write, csv_path, json_path, load_results, sorted_runs, write_csv
+from dfka.engine.probe import time_to_reach
 from dfka.errors import ConfigError
+from dfka.evaluation import task_key, teacher_key
 
 README_START = "<!-- bench:start -->"
 README_END = "<!-- bench:end -->"
@@ -182,7 +183,7 @@ def benchmark_markdown(data: dict[str, Any]) -> str:
     tp, tf = ref.get("teachers_params"), ref.get("teachers_flops")
     for t in teachers:
         rec = data["teachers"][t]
-        own = ref.get("teachers", {}).get(f"teacher_{m}.{t}")
+        own = ref.get("teachers", {}).get(teacher_key(t, m))
         cells = [f"teacher `{t}`", "teacher, own labels", "—"]
         cells += [pct((own, 0.0)) if u == t and own is not None else "—" for u in teachers]
         per = ref.get("per_teacher", {}).get(t, {})
@@ -203,8 +204,8 @@ def benchmark_markdown(data: dict[str, Any]) -> str:
             continue
         s = stats[method]
         n = len(s["seeds"])
-        cells = [f"**{method}**" if method == "dfka" else method, KIND[method], pct(s.get(f"union_{m}"), n)]
-        cells += [pct(s.get(f"{m}.{t}"), n) for t in teachers]
+        cells = [f"**{method}**" if method == "dfka" else method, KIND[method], pct(s.get(m), n)]
+        cells += [pct(s.get(task_key(t, m)), n) for t in teachers]
         params, flops = s.get("params"), s.get("flops")
         cells += [
             pct(s.get("agreement"), n),
@@ -362,14 +363,14 @@ def plot_accuracy_vs_time(data: dict[str, Any], path: Path) -> Path:
     if drawn:
         curves_ax.legend(fontsize=7, loc="lower right")
 
-    ens = data.get("reference", {}).get("ensemble", {}).get(f"union_{m}")
+    ens = data.get("reference", {}).get("ensemble", {}).get(m)
     if ens is not None:
         ax.axhline(100 * ens, color="0.4", ls="--", lw=1, label=f"ensemble {100 * ens:.2f}")
     for method in METHODS:
         s = stats.get(method)
-        if method == "ensemble" or s is None or s.get(f"union_{m}") is None:
+        if method == "ensemble" or s is None or s.get(m) is None:
             continue
-        (y, ey), (x, ex) = s[f"union_{m}"], s["seconds.total"]
+        (y, ey), (x, ex) = s[m], s["seconds.total"]
         hollow = method in WITH_DATA
         ax.errorbar(
             x,
@@ -492,7 +493,7 @@ def headline_table(datas: list[dict[str, Any]], link_prefix: str = "") -> str:
         full = max((len(s["seeds"]) for k, s in stats.items() if k != "ensemble"), default=0)
         for method in methods:
             s = stats.get(method)
-            cell = pct(s.get(f"union_{m}"), len(s["seeds"])) if s else "—"
+            cell = pct(s.get(m), len(s["seeds"])) if s else "—"
             if s and method != "ensemble" and len(s["seeds"]) < full:  # fewer seeds than the row's others
                 cell += f" ({len(s['seeds'])} seed{'s' if len(s['seeds']) > 1 else ''})"
             cells.append(f"**{cell}**" if method == best else cell)
@@ -507,9 +508,7 @@ def headline_table(datas: list[dict[str, Any]], link_prefix: str = "") -> str:
 
 def _best_data_free(stats: dict[str, dict[str, Any]], metric: str) -> str | None:
     """The data-free method with the highest mean union metric (bold in the table)."""
-    means = {
-        m: s[f"union_{metric}"][0] for m in DATA_FREE if (s := stats.get(m)) and s.get(f"union_{metric}")
-    }
+    means = {m: s[metric][0] for m in DATA_FREE if (s := stats.get(m)) and s.get(metric)}
     return max(means, key=means.get) if means else None
 
 

@@ -7,9 +7,9 @@ rows. When the *comparison key* changes (dataset, task, Y_cst, student, teacher 
 evaluation split), the old results no longer describe the same experiment: they are moved aside to
 ``<name>.stale-<timestamp>.json`` rather than mixed into the new table.
 
-CSV columns: ``benchmark, method, kind, seed, status``, the union metric (``union_acc`` or
-``union_map``), ``ensemble_union_<metric>``, per teacher ``<metric>.<teacher>`` (the method on that
-teacher's labels) and ``teacher_<metric>.<teacher>`` (the teacher itself), ``agreement`` with the
+Metric names are :mod:`dfka.evaluation`'s. CSV columns: ``benchmark, method, kind, seed, status``, the
+method's union metric (``acc`` or ``map``), ``ensemble.<metric>``, per teacher ``task.<teacher>.<metric>``
+(the method on that teacher's labels) and ``teacher.<teacher>.<metric>`` (the teacher itself), ``agreement`` with the
 ensemble, params and FLOPs against the teachers combined, ``seconds.total`` and per stage
 ``seconds.<stage>``, ``steps.<stage>``, ``samples_per_second.<stage>``, then the budget and the machine.
 """
@@ -30,9 +30,12 @@ from pathlib import Path
 from typing import Any
 
 from dfka.bench.config import KIND, METHODS
+from dfka.evaluation import task_key, teacher_key
 
 log = logging.getLogger(__name__)
-FORMAT = "dfka.bench/v1"
+FORMAT = "dfka.bench/v2"
+#: v1 files named the union metric ``union_<m>``, sub-tasks ``<m>.<teacher>``, teachers ``teacher_<m>.<teacher>``
+V1 = "dfka.bench/v1"
 LEADING = ("benchmark", "method", "kind", "seed", "status")
 
 
@@ -68,10 +71,39 @@ def load_results(path: str | Path) -> dict[str, Any] | None:
     if not p.is_file():
         return None
     data = json.loads(p.read_text())
+    if data.get("format") == V1:
+        data = upgrade_v1(data)
     if data.get("format") != FORMAT:
         log.warning("%s is not a %s result file; ignored", p, FORMAT)
         return None
     return data
+
+
+def _v2_key(key: str, metric: str) -> str:
+    if key == f"union_{metric}":
+        return metric
+    if key.startswith(f"teacher_{metric}."):
+        return teacher_key(key.split(".", 1)[1], metric)
+    if key.startswith(f"{metric}."):
+        return task_key(key.split(".", 1)[1], metric)
+    return key
+
+
+def upgrade_v1(data: dict[str, Any]) -> dict[str, Any]:
+    """A v1 result file in the v2 metric names (nothing else changed): old results stay readable, and
+    are saved as v2 the next time the file is written."""
+    m = data.get("metric", "acc")
+
+    def rename(metrics: dict[str, Any]) -> dict[str, Any]:
+        return {_v2_key(k, m): v for k, v in metrics.items()}
+
+    ref = data.get("reference", {})
+    for part in ("ensemble", "teachers"):
+        if isinstance(ref.get(part), dict):
+            ref[part] = rename(ref[part])
+    for run in data.get("runs", {}).values():
+        run["metrics"] = rename(run.get("metrics", {}))
+    return {**data, "format": FORMAT}
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -172,7 +204,7 @@ def run_row(data: dict[str, Any], run: dict[str, Any]) -> dict[str, Any]:
         "status": run["status"],
     }
     row.update(run.get("metrics", {}))
-    row[f"ensemble_union_{m}"] = ref.get("ensemble", {}).get(f"union_{m}")
+    row[f"ensemble.{m}"] = ref.get("ensemble", {}).get(m)
     row.update(ref.get("teachers", {}))
     tp, tf = ref.get("teachers_params"), ref.get("teachers_flops")
     row.update(
@@ -210,15 +242,15 @@ def csv_rows(data: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
     rows = [run_row(data, r) for r in sorted_runs(data)]
     tail = ("budget_minutes", "threads", "jobs", "cpu", "torch", "commit", "date")
     m = data["metric"]
-    head = [*LEADING, f"union_{m}", f"ensemble_union_{m}"]
+    head = [*LEADING, m, f"ensemble.{m}"]
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row if k not in keys and k not in head and k not in tail]
 
     groups = (
-        f"{m}.",
+        "task.",
         "agreement",
-        f"teacher_{m}.",
+        "teacher.",
         "params",
         "flops",
         "teachers_",

@@ -31,6 +31,7 @@ from dfka.bench.machine import describe, is_clean_commit, machine_info
 from dfka.bench.report import write_benchmark_outputs
 from dfka.bench.results import open_results, record_run
 from dfka.errors import ConfigError, DfkaError
+from dfka.evaluation import task_key, teacher_key
 from dfka.runtime import env_var
 
 if TYPE_CHECKING:
@@ -175,11 +176,11 @@ def run_benchmark(
         _log_child(tracker, child, cfg, result, reference, machine)
         m = cfg.metric
         if result.status == "ok":
-            value = result.metrics.get(f"union_{m}", float("nan"))
+            value = result.metrics.get(m, float("nan"))
             took = sum(s.get("seconds", 0.0) for s in result.stages.values())
             print(
                 f"[{len(results)}/{len(specs)}] {cfg.name} {result.method} seed {result.seed}: "
-                f"union {m} {100 * value:.2f}% (ensemble {100 * reference['ensemble'][f'union_{m}']:.2f}%), "
+                f"union {m} {100 * value:.2f}% (ensemble {100 * reference['ensemble'][m]:.2f}%), "
                 f"{took:.0f} s training",
                 flush=True,
             )
@@ -311,9 +312,11 @@ def _log_child(
     stages = result.stages
     seconds = sum(s.get("seconds", 0.0) for s in stages.values())
     samples = sum(s.get("samples", 0) for s in stages.values())
+    # the evaluate stage's names (dfka.evaluation): <split>.student.acc, <split>.teacher.<t>.acc, ...
+    split = cfg.eval_split
     final: dict[str, Any] = {
-        f"union_{m}": result.metrics.get(f"union_{m}"),
-        f"ensemble_union_{m}": reference["ensemble"][f"union_{m}"],
+        f"{split}.student.{m}": result.metrics.get(m),
+        f"{split}.ensemble.{m}": reference["ensemble"][m],
         "agreement": result.metrics.get("agreement"),
         "params": result.params,
         "flops": result.flops,
@@ -324,8 +327,10 @@ def _log_child(
         "ok": float(result.status == "ok"),
     }
     for t in cfg.teachers:
-        final[f"{m}.{t.name}"] = result.metrics.get(f"{m}.{t.name}")
-        final[f"teacher_{m}.{t.name}"] = reference["teachers"].get(f"teacher_{m}.{t.name}")
+        task, own = task_key(t.name, m), teacher_key(t.name, m)
+        final[f"{split}.student.{task}"] = result.metrics.get(task)
+        final[f"{split}.ensemble.{task}"] = reference["ensemble"].get(task)
+        final[f"{split}.{own}"] = reference["teachers"].get(own)
     child.log_metrics({k: v for k, v in final.items() if v is not None})
     child.log_dict({"stages": stages, "metrics": result.metrics, "error": result.error}, "result.json")
     child.end("FINISHED" if result.status == "ok" else "FAILED")

@@ -10,7 +10,7 @@ peak that each training step reaches.
 
 Steps measured: stage 1 (a generator step with the trajectory collector attached, as ``train_gan``
 runs it), the sample export (no gradients), stage 2 for each block, and the end-to-end fine-tune.
-The fast and the reference paths (:mod:`dfka.amalgamation.fast`) are built side by side in one
+The fast and the reference paths (:mod:`dfka.engine.fast`) are built side by side in one
 process and timed in interleaved rounds, so a change in the machine's load hits both alike. The machine
 is shared: every report carries the load average before and after.
 """
@@ -29,9 +29,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dfka.amalgamation import fast
 from dfka.amalgamation.config import AmalgamationConfig
 from dfka.bundles import TeacherBundle, TeacherManifest
+from dfka.engine import fast
 from dfka.models import build_model, parse_arch
 
 PATHS = ("reference", "fast")
@@ -223,8 +223,9 @@ def build_steps(
     device: torch.device,
     bank_samples: int = 1024,
     stages: Sequence[str] | None = None,
+    path: fast.ComputePath = fast.FAST,
 ) -> dict[str, tuple[int, Step]]:
-    """``{stage: (batch size, step)}`` for the training steps, built on the current path (fast or not)."""
+    """``{stage: (batch size, step)}`` for the training steps, built on ``path`` (fast or reference)."""
     from dfka.amalgamation.regroup import FinetuneTrainer, TargetNet
     from dfka.amalgamation.run import build_student, teacher_set_from_bundles
     from dfka.amalgamation.samples import SampleBank, Sampler, TrajectoryCollector
@@ -233,7 +234,7 @@ def build_steps(
     from dfka.amalgamation.union import UnionRule
 
     torch.manual_seed(cfg.seed)
-    teachers = teacher_set_from_bundles(bundles, cfg.target_labels).to(device)
+    teachers = teacher_set_from_bundles(bundles, cfg.target_labels, path).to(device)
     union = UnionRule(teachers, cfg.union.rule).to(device)
     gan = AmalgamatingGAN(teachers, union, cfg.gan)
     trainer = GanTrainer(gan, cfg.seed, device)
@@ -262,7 +263,7 @@ def build_steps(
         steps[f"stage2.b{b}"] = (cfg.blocks.batch_size, lambda block=block: block.step(0, 10**6))
     net = TargetNet.from_dual(dual, teachers.label_tasks).to(device)
     batches = bank.batches(cfg.regroup.batch_size, torch.Generator(), device)
-    finetune = FinetuneTrainer(net, union, cfg.regroup, batches, device)
+    finetune = FinetuneTrainer(net, union, cfg.regroup, batches, device, path=path)
     steps["finetune"] = (cfg.regroup.batch_size, lambda: finetune.step(0, 10**6))
     if stages is not None:
         steps = {k: v for k, v in steps.items() if k in stages or k.split(".")[0] in stages}
@@ -295,9 +296,9 @@ def measure(
     load_before = load_average()
     built: dict[tuple[str, str], tuple[int, Step]] = {}
     for path in paths:
-        with fast.reference_path(path == "reference"):
-            for stage, entry in build_steps(bundles, cfg, dev, bank_samples, stages).items():
-                built[(stage, path)] = entry
+        compute = fast.REFERENCE if path == "reference" else fast.FAST
+        for stage, entry in build_steps(bundles, cfg, dev, bank_samples, stages, compute).items():
+            built[(stage, path)] = entry
     say(f"built {len(built)} steps; warming up")
     flops: dict[tuple[str, str], int] = {}
     for key, (_, step) in built.items():

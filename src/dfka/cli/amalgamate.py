@@ -90,7 +90,7 @@ def _amalgamate(args: argparse.Namespace) -> int:
 
     metrics = evaluate_on_test(result, bundles, dataset, folder)
     for key, value in metrics.items():
-        print(f"{key:<28} {value:.4f}")
+        print(f"{key:<32} {value:.4f}")
     provenance = {"teachers": [b.source for b in bundles], "config": json.loads(cfg.model_dump_json())}
     save_targetnet(result.targetnet.cpu(), args.out, metrics=metrics, provenance=provenance)
     print(f"TargetNet: {args.out}/ (targetnet.json, targetnet.safetensors, targetnet.torchscript.pt)")
@@ -117,19 +117,23 @@ def eval_dataset(bundles, dataset: str | None) -> str:
 
 def evaluate_on_test(result, bundles, dataset: str | None, folder=None) -> dict[str, float]:
     """TargetNet, teacher ensemble and each teacher on the real test split, or on a user's folder test
-    set (``folder``, from :func:`dfka.data.folder.open_folder`): union and sub-tasks."""
+    set (``folder``, from :func:`dfka.data.folder.open_folder`): union and sub-tasks, named as the
+    ``evaluate`` stage names them (``test.student.acc``, ``test.teacher.<t>.acc``, ...)."""
     from dfka.bench.evaluate import load_eval_set
     from dfka.evaluation import evaluate_folder, evaluate_model, evaluate_teachers
 
     teachers, union = result.teachers.cpu(), result.union.cpu()
     if folder is not None:
-        return evaluate_folder(result.targetnet.cpu(), teachers, union, folder)
-    dataset = eval_dataset(bundles, dataset)
-    ev = load_eval_set(dataset, teachers, "multilabel" if teachers.task == "multilabel" else "multiclass")
-    student, _ = evaluate_model(result.targetnet.cpu(), ev)
-    ensemble, _ = evaluate_model(lambda x: union({n: m(x) for n, m in teachers}), ev)
-    return (
-        {f"student.{k}": v for k, v in student.items()}
-        | {f"ensemble.{k}": v for k, v in ensemble.items()}
-        | evaluate_teachers(teachers, ev)
-    )
+        metrics = evaluate_folder(result.targetnet.cpu(), teachers, union, folder)
+    else:
+        dataset = eval_dataset(bundles, dataset)
+        task = "multilabel" if teachers.task == "multilabel" else "multiclass"
+        ev = load_eval_set(dataset, teachers, task)
+        student, _ = evaluate_model(result.targetnet.cpu(), ev)
+        ensemble, _ = evaluate_model(lambda x: union({n: m(x) for n, m in teachers}), ev)
+        metrics = (
+            {f"student.{k}": v for k, v in student.items()}
+            | {f"ensemble.{k}": v for k, v in ensemble.items()}
+            | evaluate_teachers(teachers, ev)
+        )
+    return {f"test.{k}": v for k, v in metrics.items()}

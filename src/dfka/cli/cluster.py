@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from dfka.cluster import (
+from dfka.errors import ConfigError
+from dfka.ops.cluster import (
     CheckResult,
     check_kfp_direct,
     load_api_client,
@@ -13,8 +14,7 @@ from dfka.cluster import (
     run_doctor,
     supported_range_text,
 )
-from dfka.errors import ConfigError
-from dfka.placement import DEFAULT_GPU_PLACEMENT
+from dfka.ops.placement import DEFAULT_GPU_PLACEMENT
 from dfka.settings import MLFLOW_SERVICE, S3_SECRET
 
 
@@ -99,7 +99,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def _check_secrets(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dfka.kustomize_secrets import check_overlay_secrets
+    from dfka.ops.kustomize_secrets import check_overlay_secrets
 
     results = [r for overlay in args.overlay for r in check_overlay_secrets(Path(overlay))]
     return _print(list(dict.fromkeys(results)))  # overlays share base/: each file once

@@ -24,9 +24,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _demo(args: argparse.Namespace) -> int:
     from dfka.cli.teachers import _zoo
+    from dfka.ops.pipeline_runner import run_local
+    from dfka.ops.stack import stack_up
     from dfka.pipeline_config import ExperimentConfig
-    from dfka.pipeline_runner import run_local
-    from dfka.stack import stack_up
 
     started = time.perf_counter()
     info = stack_up()

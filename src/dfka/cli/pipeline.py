@@ -50,7 +50,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dfka.pipeline_runner import run_module
+    from dfka.ops.pipeline_runner import run_module
 
     opts = ["--config", str(Path(args.config).absolute())]
     if args.local_root:
@@ -67,7 +67,7 @@ def _run(args: argparse.Namespace) -> int:
 def _compile(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from dfka.pipeline_runner import run_module
+    from dfka.ops.pipeline_runner import run_module
 
     opts = []
     if args.out:
@@ -81,7 +81,7 @@ def _submit(args: argparse.Namespace) -> int:
     import os
     from pathlib import Path
 
-    from dfka.pipeline_runner import run_module
+    from dfka.ops.pipeline_runner import run_module
     from dfka.settings import KFP_TOKEN_ENV
 
     opts = ["--host", args.host, "--experiment", args.experiment]

@@ -16,8 +16,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def _up(args: argparse.Namespace) -> int:
+    from dfka.ops.stack import stack_up
     from dfka.settings import stack_env_file
-    from dfka.stack import stack_up
 
     info = stack_up()
     print(f"started: {', '.join(info.started) or 'nothing (already running or external)'}")
@@ -30,7 +30,7 @@ def _up(args: argparse.Namespace) -> int:
 
 
 def _down(args: argparse.Namespace) -> int:
-    from dfka.stack import stack_down
+    from dfka.ops.stack import stack_down
 
     stopped = stack_down()
     print(f"stopped: {', '.join(stopped)}" if stopped else "nothing to stop")
@@ -38,7 +38,7 @@ def _down(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from dfka.stack import stack_status
+    from dfka.ops.stack import stack_status
 
     statuses = stack_status()
     for status in statuses:

@@ -19,7 +19,7 @@ from dfka.amalgamation.samples import read_manifest
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule
 from dfka.bundles import TeacherBundle, load_bundle
-from dfka.checkpoint import Checkpoints
+from dfka.engine.checkpoint import Checkpoints
 from dfka.errors import BundleError
 from dfka.runtime import pick_device, set_threads
 from dfka.stages import report as reports

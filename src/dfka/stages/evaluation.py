@@ -22,7 +22,15 @@ from dfka.amalgamation.regroup import load_targetnet
 from dfka.data import load_split
 from dfka.data.folder import ImageFolderSet, is_folder_spec, open_folder
 from dfka.errors import ConfigError
-from dfka.evaluation import build_eval_set, confusion_matrix, score, score_subtasks, score_teachers
+from dfka.evaluation import (
+    build_eval_set,
+    confusion_matrix,
+    score,
+    score_subtasks,
+    score_teachers,
+    task_key,
+    teacher_key,
+)
 from dfka.models import count_flops, count_params
 from dfka.settings import mlflow_browser_url
 from dfka.stages import report as reports
@@ -145,10 +153,10 @@ def evaluate(
         tasks = {"student": score_subtasks(student, ev), "ensemble": score_subtasks(ensemble, ev)}
         owns = score_teachers(teacher_logits, ev)
         for name in ts.teachers.infos:
-            own = metrics[f"test.teacher.{name}.{key}"] = owns[f"teacher_{key}.{name}"]
+            own = metrics[f"test.{teacher_key(name, key)}"] = owns[teacher_key(name, key)]
             for who in ("student", "ensemble"):
-                value = tasks[who][f"{key}.{name}"]
-                metrics[f"test.{who}.task.{name}.{key}"] = results[who]["tasks"][name] = value
+                value = tasks[who][task_key(name, key)]
+                metrics[f"test.{who}.{task_key(name, key)}"] = results[who]["tasks"][name] = value
             t = report["teachers"][name]
             results["teachers"][name] = {"params": t["params"], "flops": t["flops"], "own": own}
         results["student"]["union"] = metrics[f"test.student.{key}"]

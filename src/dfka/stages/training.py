@@ -38,8 +38,8 @@ from dfka.amalgamation.samples import (
     read_manifest,
 )
 from dfka.amalgamation.stage1 import AmalgamatingGAN
-from dfka.checkpoint import Checkpoints
 from dfka.data import data_free
+from dfka.engine.checkpoint import Checkpoints
 from dfka.models import count_flops, count_params
 from dfka.stages._common import (
     TeacherSetArtifact,

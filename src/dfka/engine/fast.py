@@ -24,7 +24,9 @@ never touched):
 On CUDA the stages also run under ``torch.autocast`` (bfloat16 when supported). The device is always
 the caller's; nothing here moves tensors to a GPU by itself.
 
-``reference_path()`` switches all of this off (for equivalence tests and before/after benchmarks).
+Which path runs is chosen per object, not per process: a :class:`ComputePath` rides on the teacher set
+(``TeacherSet(..., path=REFERENCE)``), and every stage built on that set follows it. ``REFERENCE`` runs
+the unmodified modules (for equivalence tests and before/after benchmarks).
 """
 
 from __future__ import annotations
@@ -33,8 +35,8 @@ import copy
 import itertools
 import logging
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -44,7 +46,6 @@ from dfka.models import BlockClassifier
 
 log = logging.getLogger(__name__)
 
-_ENABLED = True
 #: a BN is folded only if |β/γ| stays below this for every channel (see the module docstring)
 FOLD_MAX_SHIFT_RATIO = 100.0
 #: convolutions with at most this many input (or output) channels take the thin-conv path on CPU
@@ -53,28 +54,32 @@ THIN_CHANNELS = 4
 CHANNELS_LAST_MIN_WIDTH = 32
 
 
-def enabled() -> bool:
-    """Whether newly built stages use the fast path (on by default)."""
-    return _ENABLED
+@dataclass(frozen=True)
+class ComputePath:
+    """What a stage runs: the fast path (``fast=True``, :data:`FAST`) or the modules as given
+    (:data:`REFERENCE`). Stages take it from the teacher set they are built on (``teachers.path``)."""
+
+    fast: bool = True
+
+    def accelerate(self, module: nn.Module, device: torch.device) -> nn.Module:
+        """:func:`accelerate` on the fast path; ``module`` unchanged on the reference path."""
+        return accelerate(module, device) if self.fast else module
+
+    def adam_options(self, device: torch.device) -> dict[str, Any]:
+        """Keyword arguments for ``torch.optim.Adam``: the fused kernel on the fast path (one kernel for
+        all parameters instead of a dozen ``foreach`` passes; the same update up to float rounding)."""
+        return {"fused": True} if self.fast and device.type in ("cpu", "cuda") else {}
+
+    def autocast(self, device: torch.device) -> AbstractContextManager[Any]:
+        """Mixed precision where it helps: bfloat16 autocast on CUDA (when supported), nothing on CPU
+        nor on the reference path."""
+        if self.fast and device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
 
 
-@contextmanager
-def reference_path(reference: bool = True) -> Iterator[None]:
-    """Inside the block, newly built stages use the unmodified modules (the reference path)."""
-    global _ENABLED
-    saved = _ENABLED
-    _ENABLED = not reference
-    try:
-        yield
-    finally:
-        _ENABLED = saved
-
-
-def autocast(device: torch.device):
-    """Mixed precision where it helps: bfloat16 autocast on CUDA (when supported), nothing on CPU."""
-    if _ENABLED and device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return nullcontext()
+FAST = ComputePath(fast=True)
+REFERENCE = ComputePath(fast=False)
 
 
 def in_format(t: torch.Tensor, fmt: torch.memory_format) -> torch.Tensor:
@@ -468,12 +473,6 @@ def gemm_convs(module: nn.Module) -> int:
     return sum(_gemm_kernel(m) for m in module.modules() if isinstance(m, nn.Conv2d) and _gemm_ok(m))
 
 
-def adam_options(device: torch.device) -> dict[str, Any]:
-    """Keyword arguments for ``torch.optim.Adam``: the fused kernel on the fast path (one kernel for all
-    parameters instead of a dozen ``foreach`` passes; the same update up to float rounding)."""
-    return {"fused": True} if _ENABLED and device.type in ("cpu", "cuda") else {}
-
-
 # --- compute copies ---------------------------------------------------------------------------------
 
 
@@ -570,8 +569,6 @@ def preferred_format(module: nn.Module, device: torch.device) -> torch.memory_fo
     """Channels-last on CUDA, and on CPU for nets whose widest conv has at least
     :data:`CHANNELS_LAST_MIN_WIDTH` channels: oneDNN's channels-last kernels (and max-pool, BN) win there,
     while LeNet-5 students (6/16 channels, or 3/8 at half width) ran 10-25% faster in NCHW."""
-    if not _ENABLED:
-        return torch.contiguous_format
     if device.type == "cuda":
         return torch.channels_last
     widths = [m.out_channels for m in module.modules() if isinstance(m, nn.Conv2d)]
@@ -584,7 +581,7 @@ def accelerate(module: nn.Module, device: torch.device, _fmt: torch.memory_forma
     its thin convs on CPU and conv weights in the preferred memory format (decided per net, see
     :func:`preferred_format`). Parameters stay the same objects under the same names, so optimisers,
     state dicts and checkpoints see no difference. Teacher sets inside ``module`` are left alone."""
-    if not _ENABLED or isinstance(module, FrozenTeachers):
+    if isinstance(module, FrozenTeachers):
         return module
     if _fmt is None or isinstance(module, BlockClassifier):
         _fmt = preferred_format(module, device)

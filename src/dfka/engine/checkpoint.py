@@ -49,7 +49,7 @@ from dfka.settings import CHECKPOINT_EVERY_ENV, DEFAULT_CHECKPOINT_EVERY
 
 log = logging.getLogger(__name__)
 
-FORMAT = "dfka.checkpoint/v1"
+FORMAT = "dfka.engine.checkpoint/v1"
 MANIFEST = "checkpoint.json"
 TENSORS = "state.safetensors"
 #: Steps between checkpoints of a training stage (``0``: only at the end of each block/phase).
@@ -304,7 +304,7 @@ class Checkpoints:
         data: Mapping[str, Any] | None = None,
         offset: float = 0.0,
     ) -> Callable[[int], None]:
-        """The ``checkpoint`` callback of :func:`dfka.amalgamation.engine.run_loop` for one phase/block."""
+        """The ``checkpoint`` callback of :func:`dfka.engine.loop.run_loop` for one phase/block."""
         started = time.perf_counter()
         frozen = json.loads(json.dumps(dict(data or {})))
 

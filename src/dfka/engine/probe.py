@@ -2,7 +2,7 @@
 
 A benchmark wants accuracy-vs-time *curves*, not just end points, without the scoring stealing training
 time and without it feeding back into training. :func:`probing` installs a :class:`TimeProbe` for the
-current context; every :func:`~dfka.amalgamation.engine.run_loop` that is told which ``model`` it trains
+current context; every :func:`~dfka.engine.loop.run_loop` that is told which ``model`` it trains
 calls :meth:`TimeProbe.maybe` after each step. The probe scores the model when the next tick is due,
 with every module's train/eval mode and the autograd state restored afterwards, and the loop moves its
 clock forward by the probe's own time, so a time budget buys the same training with or without a probe.

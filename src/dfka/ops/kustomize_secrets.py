@@ -17,9 +17,9 @@ from pathlib import Path
 
 from dotenv import dotenv_values
 
-from dfka.cluster import PLACEHOLDER, CheckResult, is_unset
 from dfka.config_files import load_yaml
 from dfka.errors import ConfigError
+from dfka.ops.cluster import PLACEHOLDER, CheckResult, is_unset
 
 KUSTOMIZATION_NAMES = ("kustomization.yaml", "kustomization.yml", "Kustomization")
 README_STEP = "k8s/README.md, step 3: Secrets"

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import dfka
 from dfka.errors import ConfigError, DfkaError
 from dfka.settings import PARENT_PID_ENV
 
@@ -28,9 +29,7 @@ def project_root(start: str | os.PathLike[str] | None = None) -> Path:
     for folder in (here, *here.parents):
         if (folder / PIPELINE_FILE).is_file():
             return folder
-    source_tree = (
-        Path(__file__).absolute().parents[2]
-    )  # <repo>/src/dfka/pipeline_runner.py (editable install)
+    source_tree = Path(dfka.__file__).absolute().parents[2]  # <repo>/src/dfka/__init__.py (editable install)
     if (source_tree / PIPELINE_FILE).is_file():
         return source_tree
     raise ConfigError(

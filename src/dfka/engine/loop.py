@@ -17,13 +17,13 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from dfka.amalgamation.config import Budget
-from dfka.amalgamation.probe import active_probe
+from dfka.engine.probe import active_probe
 from dfka.errors import TrainingDiverged
 from dfka.progress import bar as progress_bar
 
@@ -32,6 +32,17 @@ MetricsCallback = Callable[[dict[str, float], int], None]
 CheckpointFn = Callable[[int], None]
 
 WARMUP_STEPS = 10
+
+
+class Budget(Protocol):
+    """How long a loop runs: ``steps`` or ``seconds`` (one of them set), e.g.
+    :class:`dfka.amalgamation.config.Budget`. The engine reads nothing else of the method's config."""
+
+    @property
+    def steps(self) -> int | None: ...
+
+    @property
+    def seconds(self) -> float | None: ...
 
 
 @dataclass
@@ -69,7 +80,7 @@ def run_loop(
     (``step · seconds / elapsed``), so the learning rate reaches its floor when the time runs out.
 
     ``model`` is the complete model this loop trains (pixels to Y_cst scores), if it has one: an active
-    :class:`~dfka.amalgamation.probe.TimeProbe` scores it on its ticks, outside the time budget.
+    :class:`~dfka.engine.probe.TimeProbe` scores it on its ticks, outside the time budget.
     """
     by_time = budget.steps is None
     if by_time and budget.seconds is None:

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from dfka.errors import ConfigError
-from dfka.placement import DEFAULT_GPU_PLACEMENT, GpuPlacement, Toleration
+from dfka.ops.placement import DEFAULT_GPU_PLACEMENT, GpuPlacement, Toleration
 from dfka.settings import (
     KFP_HEALTH_PATH,
     KFP_SERVICE,
