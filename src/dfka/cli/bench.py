@@ -82,6 +82,24 @@ def register(sub: argparse._SubParsersAction) -> None:
     tp.add_argument("--json", dest="json_out", help="also write the report as JSON here")
     tp.set_defaults(func=_throughput)
 
+    sc = cmds.add_parser(
+        "scaling",
+        help="how step time and memory grow with the number of teachers, their width, the student and the batch",
+        description="Time one step of every training stage (GAN, export, a block, fine-tune) and measure the "
+        "peak memory, one factor at a time around 2 LeNet-5 teachers / a LeNet-5 student / batch 64, each "
+        "point in a fresh process; fit the growth (linear in the number of teachers, a power law in widths "
+        "and batch) and write OUT/scaling.json, .md and .png.",
+    )
+    sc.add_argument("--out", default=DEFAULT_OUT, help="results directory (default benchmarks/results)")
+    sc.add_argument(
+        "--factors", default=None, help="comma-separated subset of teachers,teacher_width,student_width,batch"
+    )
+    sc.add_argument("--teachers", default=None, help="teacher counts to measure (default 2,3,5,8)")
+    sc.add_argument("--threads", type=int, default=1, help="torch threads per point (default 1)")
+    sc.add_argument("--rounds", type=int, default=5, help="interleaved timing rounds (default 5)")
+    sc.add_argument("--steps-per-round", type=int, default=4, help="timed steps per round (default 4)")
+    sc.set_defaults(func=_scaling)
+
 
 def _run(args: argparse.Namespace) -> int:
     from dfka.bench.runner import failure_summary, parse_list, run_benchmark
@@ -151,6 +169,26 @@ def _throughput(args: argparse.Namespace) -> int:
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(report.as_dict(), indent=1))
         print(f"written: {args.json_out}")
+    return 0
+
+
+def _scaling(args: argparse.Namespace) -> int:
+    from dfka.bench import scaling
+    from dfka.bench.runner import parse_list
+
+    factors = parse_list(args.factors) or list(scaling.FACTORS)
+    values = {"teachers": parse_list(args.teachers, int)} if args.teachers else None
+    points = scaling.grid(factors, values)
+    data = scaling.run_scaling(
+        points,
+        threads=args.threads,
+        rounds=args.rounds,
+        steps_per_round=args.steps_per_round,
+        progress=lambda msg: print(msg, flush=True),
+    )
+    paths = scaling.write_outputs(data, args.out)
+    print(paths["markdown"].read_text())
+    print(f"written: {paths['json']}, {paths['markdown']}, {paths['plot']} ({data['seconds_wall']:.0f} s)")
     return 0
 
 
