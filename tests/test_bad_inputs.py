@@ -302,6 +302,8 @@ def test_cli_prints_one_error_with_a_fix_and_no_traceback(stack_env, pristine: P
         "amalgamate": _cli(
             "amalgamate", "--teachers", *_raw(nan)["teachers"], "--out", str(tmp_path / "o"), cwd=tmp_path
         ),
+        "seeds": _cli("bench", "run", "digits", "--seeds", "0,x", "--no-mlflow", cwd=tmp_path),
+        "scaling": _cli("bench", "scaling", "--teachers", "1,2", "--out", str(tmp_path / "s"), cwd=tmp_path),
     }
     expected = {
         "typo": r"error: .*typo\.yaml is invalid: amalgamation\.gan\.lrr: Extra inputs are not permitted",
@@ -309,6 +311,8 @@ def test_cli_prints_one_error_with_a_fix_and_no_traceback(stack_env, pristine: P
         "labels": r"error: target label 'digt_3' is not a label of any teacher",
         "show": r"error: .*/a/weights\.safetensors sha256 .* does not match the manifest",
         "amalgamate": r"error: .*/nan/b: tensor head\.weight contains NaN or Inf",
+        "seeds": r"error: 'x' in '0,x' is not a whole number",
+        "scaling": r"error: scaling: teachers = 1 cannot be measured",
     }
     for name, proc in runs.items():
         out, err = proc.communicate(timeout=180)

@@ -37,6 +37,9 @@ def test_the_grid_varies_one_factor_at_a_time_and_measures_the_base_once() -> No
     assert scaling.grid(["teachers"], {"teachers": [2, 4]}) == [scaling.BASE, scaling.Point(teachers=4)]
     with pytest.raises(ConfigError, match="unknown scaling factor"):
         scaling.grid(["depth"])
+    for factor, bad in (("teachers", 1), ("batch", 0), ("teachers", 2.5), ("student_width", -1.0)):
+        with pytest.raises(ConfigError, match=f"{factor} = .* cannot be measured"):
+            scaling.grid([factor], {factor: [bad]})
 
 
 def _result(point: scaling.Point, seconds: float, memory: float) -> dict:

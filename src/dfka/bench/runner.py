@@ -58,8 +58,26 @@ def parse_list(text: str | Sequence[Any] | None, kind: type = str) -> list[Any] 
     """``"0,1,2"`` → ``[0, 1, 2]``; lists pass through; ``None`` stays ``None``."""
     if text is None:
         return None
-    items = text.split(",") if isinstance(text, str) else list(text)
-    return [kind(str(x).strip()) for x in items if str(x).strip()]
+    items = [str(x).strip() for x in (text.split(",") if isinstance(text, str) else list(text))]
+    try:
+        return [kind(x) for x in items if x]
+    except ValueError:
+        bad = next(x for x in items if x and not _parses(kind, x))
+        raise ConfigError(
+            f"{bad!r} in {text!r} is not {_KINDS.get(kind, kind.__name__)}",
+            "give a comma-separated list, e.g. 0,1,2",
+        ) from None
+
+
+_KINDS = {int: "a whole number", float: "a number"}
+
+
+def _parses(kind: type, text: str) -> bool:
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _with_overrides(

@@ -85,6 +85,12 @@ def grid(
     for factor in factors:
         for v in values.get(factor, FACTORS[factor]):
             cast = int(v) if factor in ("teachers", "batch") else float(v)
+            low = {"teachers": 2, "batch": 2}.get(factor)
+            if (low is not None and cast < low) or not (0 < cast < 1e4) or cast != v:
+                raise ConfigError(
+                    f"scaling: {factor} = {v!r} cannot be measured",
+                    "teachers and batch are whole numbers >= 2 (amalgamation needs two teachers), widths > 0",
+                )
             p = replace(BASE, **{factor: cast})
             if p not in points:
                 points.append(p)
