@@ -95,10 +95,17 @@ class GanConfig(_Strict):
     adv_student_steps: int = Field(
         1, ge=1, description="proxy-student KD steps per generator step when adv > 0"
     )
-    conditional: Literal["auto", "off"] = Field(
+    conditional: Literal["auto", "on", "off"] = Field(
         "auto",
-        description="origin-labelled synthesis (dfka.amalgamation.origin): each sample is generated for one "
-        "teacher's label and carries it; auto = on when every teacher is multi-class",
+        description="conditional synthesis (dfka.amalgamation.origin): with multi-class teachers each sample "
+        "is generated for one teacher's label (origin-labelled), with multi-label teachers for a target "
+        "label vector (label-conditioned); auto = origin-labelled when every teacher is multi-class, "
+        "on = also label-conditioned when every teacher is multi-label",
+    )
+    positives: tuple[int, int] = Field(
+        (1, 3),
+        description="label-conditioned mode: each target has k ~ U{lo..hi} positive labels, uniform over "
+        "Y_cst (clamped to |Y_cst|); the default 1-3 is a generic few-labels-per-image prior",
     )
     augment_shift: int = Field(
         2,
@@ -107,6 +114,13 @@ class GanConfig(_Strict):
         description="origin-labelled mode: random shift (pixels) before every teacher and student",
     )
     diversity_margin: float = Field(0.1, ge=0, le=1, description="δ of the diversity hinge (mean |Δpixel|)")
+
+    @model_validator(mode="after")
+    def _positives(self) -> GanConfig:
+        lo, hi = self.positives
+        if lo < 0 or hi < lo:
+            raise ValueError(f"gan.positives must be 0 <= lo <= hi, got {list(self.positives)}")
+        return self
 
 
 class ExportConfig(_Strict):
@@ -189,6 +203,19 @@ class OriginLoss(_Strict):
     mix_weight: float = Field(1.0, ge=0, description="weight of the union KD on the mixed samples")
 
 
+class TargetLoss(_Strict):
+    """Fine-tune loss weights on label-conditioned samples (multi-label teachers,
+    ``dfka.amalgamation.origin.LabelTargets``)."""
+
+    bce: float = Field(1.0, ge=0, description="BCE of the student toward the sample's target label vector")
+    union_kd: float = Field(1.0, ge=0, description="BCE toward the teachers' union (their sigmoids)")
+    agree_only: bool = Field(
+        False,
+        description="confidence filter: learn only from samples whose teachers' union (σ > 0.5) gives "
+        "exactly the target",
+    )
+
+
 class RegroupConfig(_Strict):
     """Stage 3: assemble the TargetNet, then fine-tune it end to end on the generated samples.
 
@@ -204,6 +231,7 @@ class RegroupConfig(_Strict):
     batch_size: int = Field(128, ge=2)
     temperature: float = Field(1.0, gt=0)
     origin: OriginLoss = OriginLoss()
+    targets: TargetLoss = TargetLoss()
     augment_shift: int = Field(2, ge=0, le=8, description="origin-labelled mode: random shift of the images")
 
 

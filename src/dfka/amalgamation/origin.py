@@ -252,3 +252,90 @@ def union_trust(union_scores: torch.Tensor, slots_info: OriginSlots, slots: torc
     samples (calibrated), low where one teacher claims the other's (then only origin supervision helps).
     """
     return float(routed_to_origin(union_scores, slots_info, slots).float().mean())
+
+
+@dataclass(frozen=True)
+class LabelTargets:
+    r"""Label-conditioned synthesis for multi-label teachers: every sample is generated for a known
+    target label vector :math:`t \in \{0, 1\}^{|Y_{cst}|}`, carried in the latent code like a slot.
+
+    A multi-label teacher sees every image (independent sigmoids), so a sample has no single origin;
+    what it can have is a known label set. The target rides in ``z = [ε ; t]`` (banks and exports keep
+    their format; ``t = z[:, -L:] > 0.5``). Each target has ``k ~ U{lo..hi}`` positives (clamped to
+    ``[0, L]``), drawn uniformly over *all* labels of Y_cst: the student's task is over Y_cst, and
+    uniform labels give every label the same share whatever teacher owns it, and mix the teachers'
+    labels in one sample as the images the student will meet can (one teacher's labels only would never
+    show it a sample that both teachers must judge).
+
+    Stage 1: :math:`L_{oh} = \frac1N \sum_i \sum_m \sum_{y \in Y_m} \mathrm{BCE}(g_m(T_m(\tilde x_i))_y,\ t_{i,y})`
+    (every teacher judges every sample on its own labels), beside the batch BN matching and a
+    diversity hinge between samples of one target. Fine-tune: BCE of the student toward ``t`` and BCE
+    toward the teachers' union (their sigmoids).
+    """
+
+    teachers: tuple[str, ...]
+    groups: tuple[tuple[int, ...], ...]  # Y_cst positions of each teacher's labels
+    size: int  # |Y_cst|
+    positives: tuple[int, int]
+
+    @classmethod
+    def of(cls, teachers: TeacherSet, positives: tuple[int, int]) -> LabelTargets | None:
+        """The target coder of a teacher set, or None unless every teacher is multi-label."""
+        if any(teachers.infos[n].task != "multilabel" for n in teachers.names):
+            return None
+        groups = tuple(tuple(teachers.infos[n].pos) for n in teachers.names)
+        return cls(tuple(teachers.names), groups, len(teachers.target_labels), tuple(positives))
+
+    def draw(self, n: int, rng: torch.Generator) -> torch.Tensor:
+        """``n`` multi-hot targets (float, (n, L)): ``k ~ U{lo..hi}`` positives, uniform over Y_cst."""
+        lo, hi = (max(0, min(self.size, v)) for v in self.positives)
+        k = torch.randint(lo, hi + 1, (n, 1), generator=rng)
+        rank = torch.rand(n, self.size, generator=rng).argsort(1).argsort(1)
+        return (rank < k).float()
+
+    def encode(self, noise: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return torch.cat([noise, targets.to(noise.device, noise.dtype)], 1)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The target of each latent code (float 0/1, on the code's device)."""
+        return (z[:, -self.size :].float() > 0.5).float()
+
+    def keys(self, targets: torch.Tensor) -> torch.Tensor:
+        """One integer per distinct target (for the diversity hinge between samples of one target)."""
+        return torch.unique(targets, dim=0, return_inverse=True)[1]
+
+
+def target_bce(
+    teachers: TeacherSet,
+    targets_info: LabelTargets,
+    logits: Mapping[str, torch.Tensor],
+    targets: torch.Tensor,
+) -> torch.Tensor:
+    """Stage 1: every teacher's BCE toward its own part of the target, summed over labels, mean over samples."""
+    targets = targets.to(next(iter(logits.values())).device)
+    total = logits[targets_info.teachers[0]].new_zeros((), dtype=torch.float32)
+    for m, name in enumerate(targets_info.teachers):
+        z = teachers.select(name, logits[name]).float()
+        t = targets[:, list(targets_info.groups[m])]
+        total = total + F.binary_cross_entropy_with_logits(z, t, reduction="sum")
+    return total / len(targets)
+
+
+@torch.no_grad()
+def agrees_with_target(union_scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Per sample (bool): does the teachers' union (threshold 0 on its scores) give exactly the target?"""
+    return ((union_scores > 0) == (targets.to(union_scores.device) > 0.5)).all(1)
+
+
+#: whether ``gan.conditional: auto`` turns label-conditioned synthesis on for multi-label teacher sets
+MULTILABEL_AUTO = False
+
+
+def label_targets_of(
+    teachers: TeacherSet, conditional: str, positives: tuple[int, int]
+) -> LabelTargets | None:
+    """The label-target coder ``gan.conditional`` asks for (``on``, or ``auto`` when
+    :data:`MULTILABEL_AUTO`), or None (not every teacher multi-label, or conditioning off)."""
+    if conditional == "on" or (conditional == "auto" and MULTILABEL_AUTO):
+        return LabelTargets.of(teachers, positives)
+    return None

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -28,7 +29,9 @@ from dfka import __version__
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.config import RegroupConfig
 from dfka.amalgamation.origin import (
+    LabelTargets,
     OriginSlots,
+    agrees_with_target,
     cross_teacher_mix,
     routed_to_origin,
     shift,
@@ -204,7 +207,13 @@ class FinetuneTrainer:
 
     .. math::  L = w_{ce} L_{ce} + w_{own} L_{own\,kd} + w_{which} L_{which} + w_{union} L_{union}
 
-    with the random shift applied to every image, as stage 1 did before the teachers.
+    with the random shift applied to every image, as stage 1 did before the teachers. Label-conditioned
+    samples (``targets`` given, multi-label teachers):
+
+    .. math::  L = w_{bce}\,\mathrm{BCE}(s, t) + w_{union}\,\mathrm{BCE}(s, \sigma(u))
+
+    with ``t`` the sample's target and ``u`` the teachers' union; with ``agree_only`` only the samples
+    whose union gives exactly ``t`` count.
     """
 
     def __init__(
@@ -220,6 +229,7 @@ class FinetuneTrainer:
         union_weight: float = 1.0,
         seed: int = 0,
         path: fast.ComputePath = fast.FAST,
+        targets: LabelTargets | None = None,
     ):
         self.path = path
         self.net = path.accelerate(net.to(device), device)
@@ -230,6 +240,7 @@ class FinetuneTrainer:
         self.origin = origin
         self.teachers = teachers
         self.union_weight = union_weight
+        self.targets = targets
         self.rng = torch.Generator().manual_seed(seed)
         self.optimizer = torch.optim.Adam(net.parameters(), lr=cfg.lr, **path.adam_options(device))
         self.mix = 0
@@ -251,7 +262,7 @@ class FinetuneTrainer:
             with torch.no_grad(), self.path.autocast(self.device):
                 mix_logits = {name: m(mixed).float() for name, m in self.compute.items()}
             mix_target = self.union(mix_logits)
-        if self.origin is not None:
+        if self.origin is not None or self.targets is not None:
             image = shift(image, self.cfg.augment_shift, self.rng)
         with self.path.autocast(self.device):
             scores = self.net(image if mixed is None else torch.cat([image, mixed]))
@@ -260,7 +271,23 @@ class FinetuneTrainer:
             scores, mix_scores = scores[: len(image)], scores[len(image) :]
         tau = self.cfg.temperature if self.origin is None else self.cfg.origin.union_temperature
         parts = {"union": union_loss(scores, target, self.union.multiclass_mask, tau)}
-        if self.origin is None:
+        if self.targets is not None:
+            w = self.cfg.targets
+            t = self.targets.decode(batch.z).to(scores.device)
+            if w.agree_only:
+                keep = agrees_with_target(target, t)
+                parts["kept"] = keep.float().mean()
+                if bool(keep.any()):
+                    scores, target, t = scores[keep], target[keep], t[keep]
+                    parts["union"] = union_loss(scores, target, self.union.multiclass_mask, tau)
+                else:
+                    parts["union"] = scores.sum() * 0.0
+                    scores = scores[:0]
+            parts["target"] = (
+                F.binary_cross_entropy_with_logits(scores, t) if len(scores) else parts["union"] * 0.0
+            )
+            loss = w.bce * parts["target"] + w.union_kd * parts["union"]
+        elif self.origin is None:
             loss = parts["union"]
         else:
             w = self.cfg.origin

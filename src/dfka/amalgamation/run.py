@@ -15,7 +15,14 @@ from typing import Any
 import torch
 
 from dfka.amalgamation.config import AmalgamationConfig, Budget
-from dfka.amalgamation.origin import OriginSlots, fit_routing_bias, union_trust
+from dfka.amalgamation.origin import (
+    LabelTargets,
+    OriginSlots,
+    agrees_with_target,
+    fit_routing_bias,
+    label_targets_of,
+    union_trust,
+)
 from dfka.amalgamation.regroup import FinetuneTrainer, TargetNet
 from dfka.amalgamation.routing import calibrate_routing
 from dfka.amalgamation.samples import SampleBank, Sampler, TrajectoryCollector
@@ -307,6 +314,9 @@ def regroup(
         if cfg.regroup.finetune is not None:
             rng = torch.Generator().manual_seed(cfg.seed + 3)
             origin = origin_of(dual.teachers, cfg, bank)
+            targets = targets_of(dual.teachers, cfg, bank)
+            if targets is not None:
+                extra["target_agreement"] = bank_target_agreement(union, bank, targets)
             trust = calibration = None
             if origin is not None:
                 trust = bank_union_trust(union, bank, origin)
@@ -325,9 +335,10 @@ def regroup(
                 path=dual.teachers.path,
                 union_weight=cfg.regroup.origin.union_kd,
                 seed=cfg.seed + 3,
+                targets=targets,
             )
             state = {"net": net, "optimizer": trainer.optimizer, "batches": trainer.batches}
-            if origin is not None:
+            if origin is not None or targets is not None:
                 state["trainer"] = trainer
             at = checkpoints.restore(state) if checkpoints is not None else None
             result = checkpointed_loop(
@@ -357,6 +368,24 @@ def origin_of(teachers: TeacherSet, cfg: AmalgamationConfig, bank: SampleBank) -
     if origin is None or bank.tensors["z"].shape[1] != cfg.gan.latent_dim + origin.size:
         return None
     return origin
+
+
+def targets_of(teachers: TeacherSet, cfg: AmalgamationConfig, bank: SampleBank) -> LabelTargets | None:
+    """The label targets the bank's samples were generated for, or None when the bank carries none."""
+    targets = label_targets_of(teachers, cfg.gan.conditional, cfg.gan.positives)
+    if targets is None or bank.tensors["z"].shape[1] != cfg.gan.latent_dim + targets.size:
+        return None
+    return targets
+
+
+@torch.no_grad()
+def bank_target_agreement(union: UnionRule, bank: SampleBank, targets: LabelTargets) -> float:
+    """Diagnostic: the share of the bank whose teachers' union (σ > 0.5) gives exactly its target."""
+    logits = {
+        n: bank.tensors[f"logits.{n}"].float().to(union.multiclass_mask.device) for n in bank.teacher_names
+    }
+    t = targets.decode(bank.tensors["z"].float())
+    return float(agrees_with_target(union(logits), t).float().mean())
 
 
 #: origin-known samples enough to fit one offset per teacher and read the union's routing

@@ -45,7 +45,15 @@ from dfka.amalgamation.losses import (
     sparsity_loss,
     total_variation,
 )
-from dfka.amalgamation.origin import OriginSlots, diversity_hinge, own_label_loss, routing_loss, shift
+from dfka.amalgamation.origin import (
+    OriginSlots,
+    diversity_hinge,
+    label_targets_of,
+    own_label_loss,
+    routing_loss,
+    shift,
+    target_bce,
+)
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.engine.loop import cosine_lr, set_lr
@@ -111,8 +119,11 @@ class AmalgamatingGAN(nn.Module):
         self.levels = levels
         widths = group_widths(cfg.widths, blocks)
         #: origin-labelled synthesis (dfka.amalgamation.origin): the slot's one-hot rides in z
-        self.origin = OriginSlots.of(teachers) if cfg.conditional == "auto" else None
+        self.origin = OriginSlots.of(teachers) if cfg.conditional in ("auto", "on") else None
+        #: label-conditioned synthesis (multi-label teachers): the target label vector rides in z
+        self.targets = label_targets_of(teachers, cfg.conditional, cfg.positives)
         conditions = self.origin.size if self.origin is not None else 0
+        conditions += self.targets.size if self.targets is not None else 0
         self.generator = GroupStackGenerator(levels, cfg.latent_dim + conditions, widths)
         # filters[level][teacher] for the generated feature at teacher level 1..B-1 (f_m^B is the identity)
         self.filters = nn.ModuleDict()
@@ -141,10 +152,13 @@ class AmalgamatingGAN(nn.Module):
         return [*self.generator.parameters(), *self.filters.parameters()]
 
     def sample_latent(self, n: int, rng: torch.Generator, device: torch.device) -> torch.Tensor:
-        """Latent codes: noise, plus (origin-labelled mode) the one-hot of a slot drawn in equal teacher shares."""
+        """Latent codes: noise, plus (origin-labelled mode) the one-hot of a slot drawn in equal teacher
+        shares, or (label-conditioned mode) a multi-hot target label vector."""
         noise = torch.randn(n, self.cfg.latent_dim, generator=rng)
         if self.origin is not None:
             noise = self.origin.encode(noise, self.origin.draw(n, rng))
+        elif self.targets is not None:
+            noise = self.targets.encode(noise, self.targets.draw(n, rng))
         return noise.to(device)
 
     def losses(
@@ -157,7 +171,7 @@ class AmalgamatingGAN(nn.Module):
         feats = self.generator(z)
         image = feats[-1]
         origin = self.origin
-        if origin is not None and aug_rng is not None:
+        if (origin is not None or self.targets is not None) and aug_rng is not None:
             image = shift(image, self.cfg.augment_shift, aug_rng)
         if self.bn_stats is not None:
             self.bn_stats.active = True
@@ -180,6 +194,12 @@ class AmalgamatingGAN(nn.Module):
                 parts["bn"] = self.bn_stats.pop(origin.teacher_weights(slots, image))
             else:
                 parts["bn"] = self.bn_stats.term(self.teachers, logits)
+        elif self.targets is not None:
+            # every multi-label teacher judges every sample, on its own part of the target
+            targets = self.targets.decode(z)
+            parts = {"oh": target_bce(self.teachers, self.targets, logits, targets)}
+            parts["div"] = diversity_hinge(feats[-1], self.targets.keys(targets), self.cfg.diversity_margin)
+            parts["bn"] = self.bn_stats.term(self.teachers, logits) if self.bn_stats is not None else zero
         else:
             parts["bn"] = self.bn_stats.term(self.teachers, logits) if self.bn_stats is not None else zero
 
