@@ -365,36 +365,34 @@ def regroup(
 def origin_of(teachers: TeacherSet, cfg: AmalgamationConfig, bank: SampleBank) -> OriginSlots | None:
     """The slots the bank's samples were generated for, or None when the bank carries no origin."""
     origin = OriginSlots.of(teachers) if cfg.gan.conditional == "auto" else None
-    if origin is None or bank.tensors["z"].shape[1] != cfg.gan.latent_dim + origin.size:
-        return None
-    return origin
+    return origin if origin is not None and _conditions(bank, cfg) == origin.size else None
 
 
 def targets_of(teachers: TeacherSet, cfg: AmalgamationConfig, bank: SampleBank) -> LabelTargets | None:
     """The label targets the bank's samples were generated for, or None when the bank carries none."""
     targets = label_targets_of(teachers, cfg.gan.conditional, cfg.gan.positives)
-    if targets is None or bank.tensors["z"].shape[1] != cfg.gan.latent_dim + targets.size:
-        return None
-    return targets
+    return targets if targets is not None and _conditions(bank, cfg) == targets.size else None
+
+
+def _conditions(bank: SampleBank, cfg: AmalgamationConfig) -> int:
+    """How many conditioning entries the bank's latent codes carry beyond the noise."""
+    return bank.tensors["z"].shape[1] - cfg.gan.latent_dim
 
 
 @torch.no_grad()
 def bank_target_agreement(union: UnionRule, bank: SampleBank, targets: LabelTargets) -> float:
     """Diagnostic: the share of the bank whose teachers' union (σ > 0.5) gives exactly its target."""
-    logits = {
-        n: bank.tensors[f"logits.{n}"].float().to(union.multiclass_mask.device) for n in bank.teacher_names
-    }
     t = targets.decode(bank.tensors["z"].float())
-    return float(agrees_with_target(union(logits), t).float().mean())
+    return float(agrees_with_target(_bank_scores(union, bank, None), t).float().mean())
 
 
 #: origin-known samples enough to fit one offset per teacher and read the union's routing
 FIT_SAMPLES = 20000
 
 
-def _bank_scores(union: UnionRule, bank: SampleBank) -> torch.Tensor:
+def _bank_scores(union: UnionRule, bank: SampleBank, n: int | None = FIT_SAMPLES) -> torch.Tensor:
+    """The union's scores of the bank's first ``n`` samples (all with ``None``), from the stored logits."""
     device = union.multiclass_mask.device
-    n = FIT_SAMPLES
     return union({k: bank.tensors[f"logits.{k}"][:n].float().to(device) for k in bank.teacher_names})
 
 
@@ -422,10 +420,7 @@ def calibrated_union(
 @torch.no_grad()
 def bank_union_trust(union: UnionRule, bank: SampleBank, origin: OriginSlots) -> float:
     """:func:`union_trust` over the whole bank (the teachers' logits are stored with every sample)."""
-    logits = {
-        n: bank.tensors[f"logits.{n}"].float().to(union.multiclass_mask.device) for n in bank.teacher_names
-    }
-    return union_trust(union(logits), origin, origin.decode(bank.tensors["z"].float()))
+    return union_trust(_bank_scores(union, bank, None), origin, origin.decode(bank.tensors["z"].float()))
 
 
 def _split(budget: Budget, shares: Sequence[float]) -> list[Budget]:

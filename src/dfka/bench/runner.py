@@ -59,25 +59,19 @@ def parse_list(text: str | Sequence[Any] | None, kind: type = str) -> list[Any] 
     if text is None:
         return None
     items = [str(x).strip() for x in (text.split(",") if isinstance(text, str) else list(text))]
-    try:
-        return [kind(x) for x in items if x]
-    except ValueError:
-        bad = next(x for x in items if x and not _parses(kind, x))
-        raise ConfigError(
-            f"{bad!r} in {text!r} is not {_KINDS.get(kind, kind.__name__)}",
-            "give a comma-separated list, e.g. 0,1,2",
-        ) from None
+    out = []
+    for x in filter(None, items):
+        try:
+            out.append(kind(x))
+        except ValueError:
+            raise ConfigError(
+                f"{x!r} in {text!r} is not {_KINDS.get(kind, kind.__name__)}",
+                "give a comma-separated list, e.g. 0,1,2",
+            ) from None
+    return out
 
 
 _KINDS = {int: "a whole number", float: "a number"}
-
-
-def _parses(kind: type, text: str) -> bool:
-    try:
-        kind(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _with_overrides(

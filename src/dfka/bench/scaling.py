@@ -119,13 +119,12 @@ def _setup(point: Point) -> tuple[list[Any], Any]:
     return bundles, cfg
 
 
-def _stage_steps(point: Point) -> dict[str, list[Callable[[], Any]]]:
+def _stage_steps(bundles: list[Any], cfg: Any) -> dict[str, list[Callable[[], Any]]]:
     """One point's training steps by reported stage (``blocks``: one step function per block)."""
     import torch
 
     from dfka.bench import throughput
 
-    bundles, cfg = _setup(point)
     built = throughput.build_steps(bundles, cfg, torch.device("cpu"))
     out: dict[str, list[Callable[[], Any]]] = {s: [] for s in STAGES}
     names = {"stage1": "gan", "export": "export", "finetune": "finetune"}
@@ -144,8 +143,8 @@ def memory_of(point: Point, warmup: int = 2) -> dict[str, Any]:
     from dfka.models import count_params
 
     baseline = psutil.Process().memory_info().rss
-    bundles, _ = _setup(point)
-    for steps in _stage_steps(point).values():
+    bundles, cfg = _setup(point)
+    for steps in _stage_steps(bundles, cfg).values():
         for step in steps:
             for _ in range(warmup):
                 step()
@@ -176,7 +175,7 @@ def time_points(
     built = []
     for i, point in enumerate(points, 1):
         say(f"building {i}/{len(points)}: {point.label()}")
-        built.append(_stage_steps(point))
+        built.append(_stage_steps(*_setup(point)))
     for steps in built:
         for fns in steps.values():
             for fn in fns:

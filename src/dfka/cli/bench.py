@@ -86,8 +86,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "scaling",
         help="how step time and memory grow with the number of teachers, their width, the student and the batch",
         description="Time one step of every training stage (GAN, export, a block, fine-tune) and measure the "
-        "peak memory, one factor at a time around 2 LeNet-5 teachers / a LeNet-5 student / batch 64, each "
-        "point in a fresh process; fit the growth (linear in the number of teachers, a power law in widths "
+        "peak memory, one factor at a time around 2 LeNet-5 teachers / a LeNet-5 student / batch 64 (every "
+        "point timed in one process in interleaved rounds, its memory in a fresh process); fit the growth (linear in the number of teachers, a power law in widths "
         "and batch) and write OUT/scaling.json, .md and .png.",
     )
     sc.add_argument("--out", default=DEFAULT_OUT, help="results directory (default benchmarks/results)")
