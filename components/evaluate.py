@@ -18,12 +18,13 @@ def evaluate(
     confusion: Output[ClassificationMetrics],
     table: Output[Markdown],
     report: Output[HTML],
+    variant: str = "",  # the sweep variant (pipelines/dfka_sweep.py); "" in a single run
 ):
     """The real test split: results table, per-label scores, confusion matrix, sample grids."""
     from dfka.stages import evaluate as stage
     from dfka.stages.component_io import component_context, describe, write_metrics, write_text
 
-    ctx = component_context(experiment, mlflow_tracking_uri, bucket, results.path)
+    ctx = component_context(experiment, mlflow_tracking_uri, bucket, results.path, variant)
     result = stage(
         teacher_set.path,
         target_net.path,

@@ -20,12 +20,13 @@ def ingest_teachers(
     teacher_set: Output[Artifact],
     report: Output[Markdown],
     metrics: Output[Metrics],
+    variant: str = "",  # the sweep variant (pipelines/dfka_sweep.py); "" in a single run
 ):
     """Verify the teacher bundles, resolve Y_cst, validate the config; write the teacher set."""
     from dfka.stages import ingest_teachers as stage
     from dfka.stages.component_io import component_context, describe, write_metrics, write_text
 
-    ctx = component_context(experiment, mlflow_tracking_uri, bucket, teacher_set.path)
+    ctx = component_context(experiment, mlflow_tracking_uri, bucket, teacher_set.path, variant)
     result = stage(
         teachers,
         teacher_set.path,

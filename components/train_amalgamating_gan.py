@@ -12,12 +12,13 @@ def train_amalgamating_gan(
     bucket: str,
     gan: Output[Model],
     metrics: Output[Metrics],
+    variant: str = "",  # the sweep variant (pipelines/dfka_sweep.py); "" in a single run
 ):
     """Stage 1: the group-stack generator against the frozen teachers."""
     from dfka.stages import train_amalgamating_gan as stage
     from dfka.stages.component_io import component_context, describe, write_metrics
 
-    ctx = component_context(experiment, mlflow_tracking_uri, bucket, gan.path)
+    ctx = component_context(experiment, mlflow_tracking_uri, bucket, gan.path, variant)
     result = stage(teacher_set.path, gan.path, context=ctx)
     describe(gan, result)
     write_metrics(metrics, result["metrics"])

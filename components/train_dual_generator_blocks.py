@@ -13,12 +13,13 @@ def train_dual_generator_blocks(
     bucket: str,
     dual: Output[Model],
     metrics: Output[Metrics],
+    variant: str = "",  # the sweep variant (pipelines/dfka_sweep.py); "" in a single run
 ):
     """Stage 2: the student, block by block, on the exported samples."""
     from dfka.stages import train_dual_generator_blocks as stage
     from dfka.stages.component_io import component_context, describe, write_metrics
 
-    ctx = component_context(experiment, mlflow_tracking_uri, bucket, dual.path)
+    ctx = component_context(experiment, mlflow_tracking_uri, bucket, dual.path, variant)
     result = stage(teacher_set.path, samples.path, dual.path, context=ctx)
     describe(dual, result)
     write_metrics(metrics, result["metrics"])

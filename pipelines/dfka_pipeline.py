@@ -14,6 +14,8 @@ stages (1, 2, 3) request accelerators on the GPU pool and retry after a preempti
 (ingestion, export, evaluation) have no GPU toleration, so they stay off the tainted GPU nodes.
 """
 
+from typing import Any
+
 from kfp import dsl, kubernetes
 from kfp.dsl import PipelineTask
 from kfp.dsl.graph_component import GraphComponent
@@ -64,50 +66,77 @@ def build(settings: PipelineSettings | None = None) -> GraphComponent:
         bucket: str = "",
     ):
         run = {"experiment": experiment, "mlflow_tracking_uri": mlflow_tracking_uri, "bucket": bucket}
-
-        ingest = cpu_stage(
+        six_stages(
             s,
-            ingest_teachers(
-                teachers=teachers,
-                target_labels=target_labels,
-                amalgamation=amalgamation,
-                seed=seed,
-                samples=samples,
-                evaluation_dataset=evaluation_dataset,
-                **run,
-            ),
-        )
-        teacher_set = ingest.outputs["teacher_set"]
-
-        gan = gpu_stage(s, train_amalgamating_gan(teacher_set=teacher_set, **run))
-
-        export = cpu_stage(
-            s, export_synthetic_samples(teacher_set=teacher_set, gan=gan.outputs["gan"], **run)
-        )
-        synthetic = export.outputs["samples"]
-
-        blocks = gpu_stage(s, train_dual_generator_blocks(teacher_set=teacher_set, samples=synthetic, **run))
-
-        regroup = gpu_stage(
-            s,
-            regroup_target_net(
-                teacher_set=teacher_set, samples=synthetic, dual=blocks.outputs["dual"], **run
-            ),
-        )
-
-        cpu_stage(
-            s,
-            evaluate(
-                teacher_set=teacher_set,
-                target_net=regroup.outputs["target_net"],
-                samples=synthetic,
-                evaluation_dataset=evaluation_dataset,
-                **run,
-            ),
-            data_free=False,
+            teachers=teachers,
+            target_labels=target_labels,
+            amalgamation=amalgamation,
+            seed=seed,
+            samples=samples,
+            evaluation_dataset=evaluation_dataset,
+            run=run,
         )
 
     return dfka_pipeline
+
+
+def six_stages(
+    s: PipelineSettings,
+    *,
+    teachers: Any,
+    target_labels: Any,
+    amalgamation: Any,
+    seed: Any,
+    samples: Any,
+    evaluation_dataset: Any,
+    run: dict[str, Any],
+    variant: Any = None,
+    after: PipelineTask | None = None,
+) -> PipelineTask:
+    """The six stages of one amalgamation, in order; returns the evaluate task. The inputs are pipeline
+    parameters or loop items (``pipelines/dfka_sweep.py``); ``run`` holds the recording parameters;
+    ingestion waits for ``after``."""
+    if variant is not None:  # a sweep's loop item; a single run leaves the components' default ("")
+        run = {**run, "variant": variant}
+    ingest = cpu_stage(
+        s,
+        ingest_teachers(
+            teachers=teachers,
+            target_labels=target_labels,
+            amalgamation=amalgamation,
+            seed=seed,
+            samples=samples,
+            evaluation_dataset=evaluation_dataset,
+            **run,
+        ),
+    )
+    if after is not None:
+        ingest.after(after)
+    teacher_set = ingest.outputs["teacher_set"]
+
+    gan = gpu_stage(s, train_amalgamating_gan(teacher_set=teacher_set, **run))
+
+    export = cpu_stage(s, export_synthetic_samples(teacher_set=teacher_set, gan=gan.outputs["gan"], **run))
+    synthetic = export.outputs["samples"]
+
+    blocks = gpu_stage(s, train_dual_generator_blocks(teacher_set=teacher_set, samples=synthetic, **run))
+
+    regroup = gpu_stage(
+        s,
+        regroup_target_net(teacher_set=teacher_set, samples=synthetic, dual=blocks.outputs["dual"], **run),
+    )
+
+    return cpu_stage(
+        s,
+        evaluate(
+            teacher_set=teacher_set,
+            target_net=regroup.outputs["target_net"],
+            samples=synthetic,
+            evaluation_dataset=evaluation_dataset,
+            **run,
+        ),
+        data_free=False,
+    )
 
 
 def environment(s: PipelineSettings, task: PipelineTask, data_free: bool) -> PipelineTask:

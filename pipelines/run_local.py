@@ -5,6 +5,9 @@ the local SeaweedFS + MLflow stack (started if the environment does not point at
 id ``local-…`` that every stage reads from ``DFKA_KFP_RUN_ID``: the MLflow parent run is tagged with it
 and every stage publishes its output to ``s3://<bucket>/runs/<run-id>/<stage>/``, as on a cluster.
 Prints the results table, the wall-clock per stage and the links; ``--results-json`` writes it all.
+
+``--sweep`` runs the sweep pipeline (``pipelines/dfka_sweep.py``) on the config's ``sweep:`` variants
+instead: kfp.local (kfp 2.17) runs its ``ParallelFor``, at most 2 variants at a time, and its fan-in.
 """
 
 import argparse
@@ -23,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from dfka import storage
-from dfka.errors import DfkaError
+from dfka.errors import ConfigError, DfkaError
 from dfka.ops.run_lock import check_run_id, die_with_parent, processes_with_env, run_lock, stop_leftovers
 from dfka.ops.stack import StackPorts
 from dfka.pipeline_config import STAGES, ExperimentConfig, RetrySettings
@@ -84,27 +87,43 @@ def run(
     local_root: str | None = None,
     run_id: str | None = None,
     verbose: bool = False,
+    sweep: bool = False,
 ) -> dict[str, Any]:
-    """Run the pipeline locally; return the summary (results, per-stage times, links)."""
+    """Run the pipeline (``sweep``: the sweep pipeline) locally; return the summary (results, per-stage
+    times, links)."""
     if run_id:
         check_run_id(run_id)
     cfg = ExperimentConfig.load(config_path)
+    if sweep and cfg.sweep is None:
+        raise ConfigError(
+            f"{config_path} has no sweep: section",
+            "add one (seeds, configs, teacher_sets; README 'Sweeps'), or run it once with `dfka pipeline run`",
+        )
+    variants = cfg.sweep_variants() if sweep else None  # a bad override fails here, naming its variant
     ensure_stack()
     # bad bundles, labels or method settings fail here, in seconds and in one line, not in a stage
-    from dfka.stages.ingest import preflight
+    from dfka.stages.ingest import preflight, preflight_variants
 
-    preflight(cfg)
+    preflight_variants(variants) if variants else preflight(cfg)
     run_id = run_id or new_local_run_id()
+    if variants:  # every variant's run id must be a safe name too
+        check_run_id(f"{run_id}-{max((v['variant'] for v in variants), key=len)}")
     with run_lock(dfka_home(), run_id):  # one runner per run id; the kernel frees it however we die
-        return _run_locked(cfg, config_path, run_id, local_root, verbose)
+        return _run_locked(cfg, config_path, run_id, local_root, verbose, sweep)
 
 
 def _run_locked(
-    cfg: ExperimentConfig, config_path: str, run_id: str, local_root: str | None, verbose: bool
+    cfg: ExperimentConfig,
+    config_path: str,
+    run_id: str,
+    local_root: str | None,
+    verbose: bool,
+    sweep: bool = False,
 ) -> dict[str, Any]:
     from kfp import local
 
     from pipelines.dfka_pipeline import build
+    from pipelines.dfka_sweep import build_sweep
 
     stop_leftovers(RUN_ID_ENV, run_id)  # stages of a killed runner of this id must not race this one
     os.environ[RUN_ID_ENV] = run_id
@@ -126,7 +145,8 @@ def _run_locked(
         raise_on_error=True,
     )
     logfile = root / f"{run_id}.log"
-    print(f"dfka pipeline: run {run_id}, config {config_path}")
+    what = f"sweep of {len(cfg.sweep_variants())} variants" if sweep else "run"
+    print(f"dfka pipeline: {what} {run_id}, config {config_path}")
     print(f"  stage outputs {root}, stage logs {logfile}" + ("" if verbose else " (--verbose streams them)"))
     # kfp.local honours retries with their real backoff (60 s, 120 s, ...): locally a failure is a bug,
     # not a preempted node, so it should surface at once
@@ -146,7 +166,10 @@ def _run_locked(
             if not verbose:  # kfp.local prints each stage's output (and its full executor input) to stdout
                 log_stream = stack.enter_context(logfile.open("w"))
                 stack.enter_context(contextlib.redirect_stdout(_Progress(log_stream, sys.stdout)))
-            build(settings)(**cfg.pipeline_arguments())
+            if sweep:
+                build_sweep(settings, cfg.sweep)(**cfg.sweep_arguments())
+            else:
+                build(settings)(**cfg.pipeline_arguments())
     except BaseException:
         _fail_parent(cfg.experiment, run_id)
         if not verbose and logfile.is_file():
@@ -154,7 +177,7 @@ def _run_locked(
             print("\n".join(["", f"--- last lines of {logfile} ---", *tail]), file=sys.stderr)
         raise
     seconds = time.perf_counter() - started
-    summary = collect(cfg, run_id, bucket, root, seconds)
+    summary = (collect_sweep if sweep else collect)(cfg, run_id, bucket, root, seconds)
     summary["config"] = str(config_path)
     summary["log"] = str(logfile)
     return summary
@@ -218,9 +241,10 @@ def _fail_parent(experiment: str, run_id: str) -> None:
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(uri)
-        parent = find_parent(client, experiment, run_id)
-        if parent:
-            client.set_terminated(parent, status="FAILED")
+        for kind in ("pipeline", "sweep"):
+            parent = find_parent(client, experiment, run_id, kind)
+            if parent:
+                client.set_terminated(parent, status="FAILED")
 
 
 def _stage_result(bucket: str, run_id: str, root: Path, stage: str, started: float) -> dict[str, Any] | None:
@@ -270,23 +294,69 @@ def collect(cfg: ExperimentConfig, run_id: str, bucket: str, root: Path, seconds
             markdown=evaluation["markdown"],
             verdict=evaluation.get("verdict"),
         )
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if uri:
-        with contextlib.suppress(Exception):
-            from mlflow.tracking import MlflowClient
-
-            client = MlflowClient(uri)
-            parent = find_parent(client, cfg.experiment, run_id)
-            if parent:
-                summary["mlflow"] = {
-                    "experiment": cfg.experiment,
-                    "parent_run_id": parent,
-                    "url": run_url(uri, experiment_id(client, cfg.experiment), parent),
-                }
+    if (link := _mlflow_link(cfg.experiment, run_id, "pipeline")) is not None:
+        summary["mlflow"] = link
     return summary
 
 
+def _mlflow_link(experiment: str, run_id: str, kind: str) -> dict[str, str] | None:
+    """The run's parent MLflow run (``kind``: pipeline or sweep) and its URL; ``None`` without MLflow."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if not uri:
+        return None
+    with contextlib.suppress(Exception):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(uri)
+        parent = find_parent(client, experiment, run_id, kind)
+        if parent:
+            url = run_url(uri, experiment_id(client, experiment), parent)
+            return {"experiment": experiment, "parent_run_id": parent, "url": url}
+    return None
+
+
+def collect_sweep(
+    cfg: ExperimentConfig, run_id: str, bucket: str, root: Path, seconds: float
+) -> dict[str, Any]:
+    """The gather step's comparison and the sweep's MLflow run."""
+    from dfka.stages.sweep import GATHER_STAGE
+
+    gathered = _stage_result(bucket, run_id, root, GATHER_STAGE, time.time() - seconds - 1) or {}
+    summary: dict[str, Any] = {
+        "run_id": run_id,
+        "sweep": True,
+        "seconds": seconds,
+        "rows": gathered.get("rows", []),
+        "groups": gathered.get("groups", []),
+        "markdown": gathered.get("markdown"),
+        "bucket": f"s3://{bucket}/runs/{run_id}/",
+        "s3_endpoint": os.environ.get("DFKA_S3_ENDPOINT", ""),
+        "stages": {},
+    }
+    if (link := _mlflow_link(cfg.experiment, run_id, "sweep")) is not None:
+        summary["mlflow"] = link
+    return summary
+
+
+def render_sweep(summary: dict[str, Any]) -> str:
+    lines = ["", summary.get("markdown") or "(no comparison: the gather step did not publish one)", ""]
+    lines.append(f"sweep (kfp.local, end to end): {summary['seconds']:.1f} s")
+    if summary.get("mlflow"):
+        m = summary["mlflow"]
+        lines.append(f"MLflow:  {m['url']}  (experiment {m['experiment']}; one child run per variant)")
+    endpoint = f"  (S3 endpoint {summary['s3_endpoint']})" if summary.get("s3_endpoint") else ""
+    lines.append(
+        f"bucket:  {summary['bucket']}{endpoint}  (variants under {summary['bucket'].rstrip('/')}-<variant>/)"
+    )
+    browse = StackPorts.browse_url(summary.get("s3_endpoint", ""), summary["bucket"].removeprefix("s3://"))
+    if browse and summary.get("rows"):
+        lines.append(f"report:  {browse}gather-sweep/report.html")
+    return "\n".join(lines)
+
+
 def render(summary: dict[str, Any]) -> str:
+    if summary.get("sweep"):
+        return render_sweep(summary)
     lines = ["", summary.get("markdown") or "(no results: the evaluate stage did not publish any)", ""]
     lines.append(f"{'stage':<30} {'stage wall':>11} {'process':>9} {'main loop':>10}")
     for stage, s in summary["stages"].items():
@@ -342,12 +412,19 @@ def main(argv: list | None = None) -> int:
     parser.add_argument(
         "--verbose", action="store_true", help="stream the stages' logs instead of writing them to a file"
     )
+    parser.add_argument("--sweep", action="store_true", help="run the config's sweep: variants")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     if os.environ.get(PARENT_PID_ENV, "").isdigit():  # started by `dfka pipeline run`: die with it
         die_with_parent(int(os.environ.pop(PARENT_PID_ENV)))
     try:
-        summary = run(args.config, local_root=args.local_root, run_id=args.run_id, verbose=args.verbose)
+        summary = run(
+            args.config,
+            local_root=args.local_root,
+            run_id=args.run_id,
+            verbose=args.verbose,
+            sweep=args.sweep,
+        )
     except DfkaError as err:
         print(redact(f"error: {err}"), file=sys.stderr)
         return 2

@@ -49,6 +49,12 @@ def load_package(package: Path) -> dict[str, Any]:
     return {"pipeline_spec": spec, "platform_spec": platform}
 
 
+def is_sweep(package: Path) -> bool:
+    """A sweep package (``pipelines/dfka_sweep.yaml``) takes ``variants``, not one run's parameters."""
+    spec = load_package(package)["pipeline_spec"]
+    return "variants" in spec["root"].get("inputDefinitions", {}).get("parameters", {})
+
+
 def check_parameters(spec: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
     """Reject unknown names and values of the wrong type (ints may be given for doubles)."""
     inputs = spec["root"].get("inputDefinitions", {}).get("parameters", {})
@@ -186,11 +192,12 @@ def main(argv: list | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         params: dict[str, Any] = {}
+        package = Path(args.package)
         if args.config:
-            params.update(ExperimentConfig.load(args.config).pipeline_arguments())
+            cfg = ExperimentConfig.load(args.config)
+            params.update(cfg.sweep_arguments() if is_sweep(package) else cfg.pipeline_arguments())
         params.update(parse_params(args.param))
         run_name = args.run_name or f"dfka-{Path(args.config).stem if args.config else 'run'}"
-        package = Path(args.package)
         if args.dry_run:
             body = run_request(
                 package,

@@ -12,6 +12,11 @@ into the parameter defaults. Unknown keys are rejected at every level, so a typo
     evaluation: {dataset: mnist}          # omit: the teachers' training dataset, when they agree
     amalgamation: {budget_minutes: 4}     # an AmalgamationConfig mapping (dfka.amalgamation.config)
     pipeline: {caching: false, gpu: {accelerator_count: 1}}
+    sweep:                                # only for `dfka pipeline sweep` (pipelines/dfka_sweep.py)
+      seeds: [0, 1]
+      configs: {default: {}, no-bn: {gan: {loss: {bn: 0}}}}   # named overrides of amalgamation:
+      teacher_sets: {demo: [s3://…/mnist-0-4, s3://…/mnist-5-9]}  # optional; default: teachers
+      parallelism: 2                      # variants at a time (compiled in)
 
 Pure data and plain Python: no kfp import (``pipelines/`` turns this into KFP calls).
 """
@@ -24,7 +29,15 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from dfka import __version__
 from dfka.amalgamation.config import AmalgamationConfig
@@ -121,6 +134,57 @@ class PipelineSettings(_Strict):
         return v
 
 
+#: A variant's name is part of its run id, S3 prefix and MLflow run name.
+VARIANT_NAME = r"^[a-z0-9]([a-z0-9-]{0,38}[a-z0-9])?$"
+VARIANT_NAME_RULE = "1-40 lower-case letters, digits or '-', not starting or ending with '-'"
+
+
+class SweepSettings(_Strict):
+    """A grid of variants run as one pipeline run: teacher sets × method configs × seeds."""
+
+    seeds: list[int] | None = Field(
+        None, min_length=1, description="seeds of every config; default: amalgamation.seed alone"
+    )
+    configs: dict[str, dict[str, Any]] = Field(
+        default_factory=lambda: {"base": {}},
+        min_length=1,
+        description="named method-config overrides, each merged key by key over amalgamation:",
+    )
+    teacher_sets: dict[str, list[str]] | None = Field(
+        None, min_length=1, description="named teacher lists; default: the experiment's teachers"
+    )
+    parallelism: int = Field(
+        2, ge=1, le=64, description="variants run at a time (compiled in; kfp.local runs at most 2)"
+    )
+
+    @field_validator("configs", "teacher_sets")
+    @classmethod
+    def _names(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        import re
+
+        for name in v or {}:
+            if not re.fullmatch(VARIANT_NAME, name):
+                raise ValueError(f"name {name!r} is not a valid variant name: use {VARIANT_NAME_RULE}")
+        return v
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"seeds {v} repeat a seed; each seed names a variant once")
+        return v
+
+    @field_validator("teacher_sets")
+    @classmethod
+    def _two_teachers(cls, v: dict[str, list[str]] | None) -> dict[str, list[str]] | None:
+        for name, teachers in (v or {}).items():
+            if len(teachers) < 2:
+                raise ValueError(
+                    f"teacher set {name!r} has {len(teachers)} teacher(s); amalgamation needs 2 or more"
+                )
+        return v
+
+
 class ExperimentConfig(_Strict):
     experiment: str = Field("dfka", min_length=1, description="MLflow experiment")
     teachers: list[str] = Field(min_length=2, description="teacher bundle URIs (s3:// or local folders)")
@@ -130,6 +194,9 @@ class ExperimentConfig(_Strict):
     evaluation: EvaluationSettings = EvaluationSettings()
     amalgamation: AmalgamationConfig = AmalgamationConfig()
     pipeline: PipelineSettings = PipelineSettings()
+    sweep: SweepSettings | None = Field(None, description="the variants of `dfka pipeline sweep`")
+    #: the mapping as written (a sweep merges its overrides over that, before budgets are derived)
+    _raw: dict[str, Any] | None = PrivateAttr(None)
 
     @field_validator("target_labels")
     @classmethod
@@ -164,19 +231,22 @@ class ExperimentConfig(_Strict):
     @classmethod
     def parse(cls, raw: Mapping[str, Any], where: str = "config") -> ExperimentConfig:
         try:
-            return cls.model_validate(raw)
+            cfg = cls.model_validate(raw)
         except ValidationError as err:
             problems = describe_validation(err, "config")
             raise ConfigError(f"{where} is invalid: {problems}", "fix the keys named above") from None
+        cfg._raw = json.loads(json.dumps(dict(raw), default=str))
+        return cfg
 
     def target_spec(self) -> str:
         """Y_cst as one pipeline parameter string ("" = the union)."""
         labels = self.target_labels if self.target_labels is not None else self.amalgamation.target_labels
         return ",".join(_as_list(labels)) if labels is not None else ""
 
-    def pipeline_arguments(self) -> dict[str, Any]:
-        """The runtime parameters of ``pipelines.dfka_pipeline`` for this experiment."""
-        return {
+    def pipeline_arguments(self, run: bool = True) -> dict[str, Any]:
+        """The runtime parameters of ``pipelines.dfka_pipeline`` for this experiment (without the
+        :data:`RUN_PARAMETERS` if not ``run``)."""
+        arguments = {
             "teachers": list(self.teachers),
             "target_labels": self.target_spec(),
             "amalgamation": method_parameters(self.amalgamation),
@@ -187,6 +257,47 @@ class ExperimentConfig(_Strict):
             "mlflow_tracking_uri": self.pipeline.mlflow_tracking_uri,
             "bucket": self.pipeline.bucket,
         }
+        return arguments if run else {k: v for k, v in arguments.items() if k not in RUN_PARAMETERS}
+
+    def sweep_variants(self) -> list[dict[str, Any]]:
+        """The sweep pipeline's ``variants`` parameter: one dict of stage inputs per teacher set × config ×
+        seed, named ``[<teacher set>-]<config>-s<seed>``, each validated like a config of its own."""
+        sweep = self.sweep or SweepSettings()
+        doc = dict(self._raw or self.model_dump(mode="json", exclude_defaults=True))
+        doc.pop("sweep", None)
+        base = doc.get("amalgamation") or {}
+        sets = sweep.teacher_sets or {"": list(self.teachers)}
+        variants = []
+        for set_name, teachers in sets.items():
+            for config_name, overrides in sweep.configs.items():
+                for seed in sweep.seeds or [self.amalgamation.seed]:
+                    name = "-".join(p for p in (set_name, config_name, f"s{seed}") if p)
+                    raw = {**doc, "teachers": teachers}
+                    raw["amalgamation"] = {**deep_merge(base, overrides), "seed": seed}
+                    variant = ExperimentConfig.parse(raw, where=f"sweep variant {name!r}")
+                    meta = {"variant": name, "teacher_set": set_name, "config": config_name}
+                    variants.append({**meta, **variant.pipeline_arguments(run=False)})
+        return variants
+
+    def sweep_arguments(self) -> dict[str, Any]:
+        """The runtime parameters of ``pipelines.dfka_sweep`` for this experiment."""
+        run = {k: v for k, v in self.pipeline_arguments().items() if k in RUN_PARAMETERS}
+        return {"variants": self.sweep_variants(), **run}
+
+
+#: The parameters every stage gets that say where the run is recorded, not what it computes.
+RUN_PARAMETERS = ("experiment", "mlflow_tracking_uri", "bucket")
+
+
+def deep_merge(base: Mapping[str, Any], overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """``base`` with ``overrides`` applied key by key (nested mappings merge, anything else replaces)."""
+    merged = dict(base)
+    for key, value in overrides.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def _as_list(labels: str | Sequence[str]) -> list[str]:

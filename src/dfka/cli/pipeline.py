@@ -1,4 +1,4 @@
-"""``dfka pipeline run|compile|submit``: the KFP pipeline, locally or on a cluster.
+"""``dfka pipeline run|sweep|compile|submit``: the KFP pipelines, locally or on a cluster.
 
 The pipeline code (``pipelines/``, ``components/``) imports kfp and dfka never does, so each command
 runs ``python -m pipelines.<module>`` from the repository in a subprocess.
@@ -25,10 +25,33 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     run.set_defaults(func=_run)
 
-    comp = cmds.add_parser(
-        "compile", help="compile the pipeline YAML (default: pipelines/dfka_pipeline.yaml)"
+    sweep = cmds.add_parser(
+        "sweep",
+        help="run the variants of a config's sweep: section (seeds x configs x teacher sets) as one "
+        "kfp.local run, then one comparison table and plot",
     )
-    comp.add_argument("--out", help="output file (default pipelines/dfka_pipeline.yaml)")
+    sweep.add_argument("--config", required=True, help="experiment config with a sweep: section")
+    sweep.add_argument("--local-root", help="kfp.local output folder (default $DFKA_HOME/pipeline-runs)")
+    sweep.add_argument("--results-json", help="also write the sweep summary (JSON) here")
+    sweep.add_argument(
+        "--verbose", action="store_true", help="stream the stage logs (default: to a log file)"
+    )
+    sweep.add_argument(
+        "--run-id", help="rerun with this run id: cut-off stages resume from their checkpoints"
+    )
+    sweep.add_argument(
+        "--print-variants",
+        action="store_true",
+        help="print the variants parameter as JSON (for `kfp run create ... variants=...`) and stop",
+    )
+    sweep.set_defaults(func=_sweep)
+
+    comp = cmds.add_parser(
+        "compile",
+        help="compile the pipeline YAMLs (default: pipelines/dfka_pipeline.yaml and pipelines/dfka_sweep.yaml)",
+    )
+    comp.add_argument("--out", help="write one file here instead (the sweep's with --sweep)")
+    comp.add_argument("--sweep", action="store_true", help="with --out: compile the sweep pipeline")
     comp.add_argument("--config", help="bake an experiment config's pipeline settings and values in")
     comp.set_defaults(func=_compile)
 
@@ -47,12 +70,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     sub_.set_defaults(func=_submit)
 
 
-def _run(args: argparse.Namespace) -> int:
+def _run(args: argparse.Namespace, sweep: bool = False) -> int:
     from pathlib import Path
 
     from dfka.ops.pipeline_runner import run_module
 
-    opts = ["--config", str(Path(args.config).absolute())]
+    opts = ["--config", str(Path(args.config).absolute())] + (["--sweep"] if sweep else [])
     if args.local_root:
         opts += ["--local-root", str(Path(args.local_root).absolute())]
     if args.results_json:
@@ -62,6 +85,17 @@ def _run(args: argparse.Namespace) -> int:
     if args.run_id:
         opts += ["--run-id", args.run_id]
     return run_module("run_local", opts)
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    if args.print_variants:  # plain dfka: no kfp, no stack
+        import json
+
+        from dfka.pipeline_config import ExperimentConfig
+
+        print(json.dumps(ExperimentConfig.load(args.config).sweep_variants(), separators=(",", ":")))
+        return 0
+    return _run(args, sweep=True)
 
 
 def _compile(args: argparse.Namespace) -> int:
@@ -74,6 +108,8 @@ def _compile(args: argparse.Namespace) -> int:
         opts += ["--out", str(Path(args.out).absolute())]
     if args.config:
         opts += ["--config", str(Path(args.config).absolute())]
+    if args.sweep:
+        opts.append("--sweep")
     return run_module("compile", opts)
 
 

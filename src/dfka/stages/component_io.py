@@ -19,14 +19,17 @@ class _Artifact(Protocol):
     metadata: dict[str, Any]
 
 
-def component_context(experiment: str, mlflow_tracking_uri: str, bucket: str, output_path: str) -> RunContext:
-    """Threads from ``OMP_NUM_THREADS`` (the image sets it; 2 locally), the run from the environment."""
+def component_context(
+    experiment: str, mlflow_tracking_uri: str, bucket: str, output_path: str, variant: str = ""
+) -> RunContext:
+    """Threads from ``OMP_NUM_THREADS`` (the image sets it; 2 locally), the run from the environment
+    (``variant``: the sweep variant the stage belongs to, "" outside a sweep)."""
     from dfka.runtime import set_threads  # torch: only for the stages that train
 
     os.environ.setdefault("OMP_NUM_THREADS", "2")
     set_threads(None)
     return RunContext.from_env(
-        experiment, tracking_uri=mlflow_tracking_uri, bucket=bucket, output_path=output_path
+        experiment, tracking_uri=mlflow_tracking_uri, bucket=bucket, output_path=output_path, variant=variant
     )
 
 

@@ -13,7 +13,9 @@ key on KFP) stay the same from run to run:
 
 MLflow layout: one parent run per pipeline run (tag ``dfka.kfp_run_id``; the first stage that runs
 creates it, later stages find it by that tag), named after the experiment, the variant and the seed
-(:func:`parent_run_name`), and one child run per stage. Every run carries the tags
+(:func:`parent_run_name`), and one child run per stage. In a sweep (``pipelines/dfka_sweep.py``) every
+stage also gets its variant's name: the variant's run id is ``<run id>-<variant>`` (its own S3 prefix
+and parent run), and its parent run is a child of the sweep's run (tag ``dfka.kind = sweep``). Every run carries the tags
 ``dfka.kfp_run_id``, ``dfka.git_commit`` and ``dfka.config_hash``. Tracking never stops a stage: an
 unreachable server sends the child runs to ``dfka.tracking``'s offline mode.
 """
@@ -46,6 +48,8 @@ TAG_CONFIG = "dfka.config_hash"
 TAG_KIND = "dfka.kind"
 TAG_STAGE = "dfka.stage"
 TAG_OUTPUTS = "dfka.outputs"
+TAG_SWEEP = "dfka.sweep_run_id"
+TAG_VARIANT = "dfka.variant"
 
 
 def new_local_run_id() -> str:
@@ -78,6 +82,9 @@ class RunContext:
     track: bool = True
     publish: bool = True
     progress: bool = False
+    #: in a sweep: the variant's name and the sweep's run id (``run_id`` is ``<sweep_run_id>-<variant>``)
+    variant: str = ""
+    sweep_run_id: str | None = None
     _parent_id: str | None = field(default=None, repr=False)
     _parent_checked: bool = field(default=False, repr=False)
 
@@ -90,13 +97,16 @@ class RunContext:
         bucket: str = "",
         output_path: str = "",
         progress: bool = False,
+        variant: str = "",
     ) -> RunContext:
         run_id = os.environ.get(RUN_ID_ENV, "").strip() or (
             run_id_from_path(output_path) if output_path else new_local_run_id()
         )
         return cls(
             experiment=experiment or "dfka",
-            run_id=run_id,
+            run_id=f"{run_id}-{variant}" if variant else run_id,
+            variant=variant,
+            sweep_run_id=run_id if variant else None,
             tracking_uri=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or None,
             bucket=bucket or default_bucket(),
             git_commit=os.environ.get(GIT_COMMIT_ENV, "").strip() or "unknown",
@@ -115,6 +125,8 @@ class RunContext:
 
     def tags(self, config_hash: str | None = None) -> dict[str, str]:
         tags = {TAG_RUN_ID: self.run_id, TAG_COMMIT: self.git_commit}
+        if self.sweep_run_id:
+            tags |= {TAG_SWEEP: self.sweep_run_id, TAG_VARIANT: self.variant}
         if config_hash:
             tags[TAG_CONFIG] = config_hash
         return tags
@@ -131,7 +143,13 @@ class RunContext:
             return None
         if not self._parent_checked:
             self._parent_checked = True
-            name = parent_run_name(config, self.run_id) if config else f"pipeline {self.run_id}"
+            name = (
+                parent_run_name(config, self.sweep_run_id or self.run_id)
+                if config
+                else f"pipeline {self.run_id}"
+            )
+            if self.variant:
+                name = f"{self.variant} · {name}"
             self._parent_id = _find_or_create_parent(client, self, config_hash, name)
         return ParentRun(client, self._parent_id) if self._parent_id else None
 
@@ -247,13 +265,14 @@ def _client(uri: str) -> MlflowClient | None:
     return mlflow_client(uri)
 
 
-def find_parent(client: MlflowClient, experiment: str, run_id: str) -> str | None:
+def find_parent(client: MlflowClient, experiment: str, run_id: str, kind: str = "pipeline") -> str | None:
+    """The parent run of pipeline run ``run_id`` (``kind="sweep"``: of the sweep with that run id)."""
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
     runs = client.search_runs(
         [exp.experiment_id],
-        filter_string=f"tags.`{TAG_RUN_ID}` = '{run_id}' AND tags.`{TAG_KIND}` = 'pipeline'",
+        filter_string=f"tags.`{TAG_RUN_ID}` = '{run_id}' AND tags.`{TAG_KIND}` = '{kind}'",
         max_results=1,
     )
     return runs[0].info.run_id if runs else None
@@ -278,6 +297,8 @@ def _find_or_create_parent(
         if found:
             return found
         tags = {**ctx.tags(config_hash), TAG_KIND: "pipeline"}
+        if ctx.sweep_run_id and (sweep := find_parent(client, ctx.experiment, ctx.sweep_run_id, "sweep")):
+            tags["mlflow.parentRunId"] = sweep  # the sweep's open step made it before any variant ran
         run = client.create_run(experiment_id(client, ctx.experiment), tags=tags, run_name=run_name)
         return run.info.run_id
     except Exception as err:

@@ -225,6 +225,22 @@ def preflight(cfg: ExperimentConfig) -> CheckedInputs:
     return checked
 
 
+def preflight_variants(variants: Sequence[Mapping[str, Any]]) -> None:
+    """:func:`validate_inputs` on each distinct sweep variant (``ExperimentConfig.sweep_variants``), the
+    error naming the variant: what ``dfka pipeline sweep`` checks before any stage starts."""
+    seen: set[str] = set()
+    for v in variants:
+        args = {k: v[k] for k in ("teachers", "target_labels", "amalgamation", "seed", "samples")}
+        key = json.dumps(args, sort_keys=True, default=str)
+        if key in seen:
+            continue
+        seen.add(key)
+        try:
+            validate_inputs(**args, evaluation_dataset=v.get("evaluation_dataset") or None)
+        except DfkaError as err:
+            raise type(err)(f"sweep variant {v['variant']!r}: {err.problem}", err.fix) from None
+
+
 #: The pixel range the generator produces and the TargetNet takes; teachers must take the same.
 PIXEL_RANGE = (0.0, 1.0)
 
