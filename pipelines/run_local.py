@@ -99,7 +99,9 @@ def run(
             f"{config_path} has no sweep: section",
             "add one (seeds, configs, teacher_sets; README 'Sweeps'), or run it once with `dfka pipeline run`",
         )
-    variants = cfg.sweep_variants() if sweep else None  # a bad override fails here, naming its variant
+    # a bad override fails here, naming its variant
+    arguments = cfg.sweep_arguments() if sweep else cfg.pipeline_arguments()
+    variants = arguments.get("variants")
     ensure_stack()
     # bad bundles, labels or method settings fail here, in seconds and in one line, not in a stage
     from dfka.stages.ingest import preflight, preflight_variants
@@ -109,7 +111,7 @@ def run(
     if variants:  # every variant's run id must be a safe name too
         check_run_id(f"{run_id}-{max((v['variant'] for v in variants), key=len)}")
     with run_lock(dfka_home(), run_id):  # one runner per run id; the kernel frees it however we die
-        return _run_locked(cfg, config_path, run_id, local_root, verbose, sweep)
+        return _run_locked(cfg, config_path, run_id, local_root, verbose, arguments)
 
 
 def _run_locked(
@@ -118,8 +120,9 @@ def _run_locked(
     run_id: str,
     local_root: str | None,
     verbose: bool,
-    sweep: bool = False,
+    arguments: dict[str, Any],
 ) -> dict[str, Any]:
+    """Run the pipeline (the sweep pipeline if ``arguments`` has ``variants``) with these parameters."""
     from kfp import local
 
     from pipelines.dfka_pipeline import build
@@ -145,7 +148,8 @@ def _run_locked(
         raise_on_error=True,
     )
     logfile = root / f"{run_id}.log"
-    what = f"sweep of {len(cfg.sweep_variants())} variants" if sweep else "run"
+    sweep = "variants" in arguments
+    what = f"sweep of {len(arguments['variants'])} variants" if sweep else "run"
     print(f"dfka pipeline: {what} {run_id}, config {config_path}")
     print(f"  stage outputs {root}, stage logs {logfile}" + ("" if verbose else " (--verbose streams them)"))
     # kfp.local honours retries with their real backoff (60 s, 120 s, ...): locally a failure is a bug,
@@ -167,9 +171,9 @@ def _run_locked(
                 log_stream = stack.enter_context(logfile.open("w"))
                 stack.enter_context(contextlib.redirect_stdout(_Progress(log_stream, sys.stdout)))
             if sweep:
-                build_sweep(settings, cfg.sweep)(**cfg.sweep_arguments())
+                build_sweep(settings, cfg.sweep)(**arguments)
             else:
-                build(settings)(**cfg.pipeline_arguments())
+                build(settings)(**arguments)
     except BaseException:
         _fail_parent(cfg.experiment, run_id)
         if not verbose and logfile.is_file():

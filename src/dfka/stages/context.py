@@ -290,13 +290,15 @@ def parent_run_name(config: Mapping[str, Any], run_id: str) -> str:
 
 
 def _find_or_create_parent(
-    client: MlflowClient, ctx: RunContext, config_hash: str | None, run_name: str
+    client: MlflowClient, ctx: RunContext, config_hash: str | None, run_name: str, kind: str = "pipeline"
 ) -> str | None:
+    """The run tagged ``dfka.kind = kind`` for ``ctx.run_id``, created if missing (a sweep variant's
+    pipeline run nests under its sweep's run); ``None`` if MLflow fails."""
     try:
-        found = find_parent(client, ctx.experiment, ctx.run_id)
+        found = find_parent(client, ctx.experiment, ctx.run_id, kind)
         if found:
             return found
-        tags = {**ctx.tags(config_hash), TAG_KIND: "pipeline"}
+        tags = {**ctx.tags(config_hash), TAG_KIND: kind}
         if ctx.sweep_run_id and (sweep := find_parent(client, ctx.experiment, ctx.sweep_run_id, "sweep")):
             tags["mlflow.parentRunId"] = sweep  # the sweep's open step made it before any variant ran
         run = client.create_run(experiment_id(client, ctx.experiment), tags=tags, run_name=run_name)

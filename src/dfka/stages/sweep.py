@@ -14,6 +14,7 @@ A variant is one dict of stage inputs (:meth:`dfka.pipeline_config.ExperimentCon
 from __future__ import annotations
 
 import csv
+import dataclasses
 import html
 import io
 import json
@@ -32,8 +33,13 @@ from dfka.pipeline_config import GPU_STAGES, STAGES, VARIANT_NAME, VARIANT_NAME_
 from dfka.settings import redact
 from dfka.stages import report as reports
 from dfka.stages._common import RESULT_FILE, ensure_dir, publish_dir, scratch
-from dfka.stages.context import TAG_KIND, TAG_RUN_ID, ParentRun, RunContext, _client, find_parent
-from dfka.tracking import experiment_id
+from dfka.stages.context import (
+    ParentRun,
+    RunContext,
+    _client,
+    _find_or_create_parent,
+    find_parent,
+)
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +169,12 @@ def gather_sweep(
 def _stage_seconds(ctx: RunContext, run_id: str) -> dict[str, float]:
     """Each stage's wall-clock, from the results it published under ``runs/<variant run id>/``."""
     seconds: dict[str, float] = {}
-    if ctx.publish_uri("x") is None:  # nothing published (no object store): the table says "–"
-        return seconds
+    variant = dataclasses.replace(ctx, run_id=run_id)
     for stage in STAGES:
-        key = f"s3://{ctx.bucket}/runs/{run_id}/{stage}/{RESULT_FILE}"
+        published = variant.publish_uri(stage)
+        if published is None:  # nothing published (no object store): the table says "–"
+            return seconds
+        key = storage.join(published, RESULT_FILE)
         if storage.exists(key):
             value = json.loads(storage.get_bytes(key)).get("seconds")
             if isinstance(value, int | float):
@@ -361,16 +369,17 @@ def _sweep_parent(ctx: RunContext, *, create: bool, names: Sequence[str] = ()) -
     client = _client(ctx.tracking_uri)
     if client is None:
         return None
-    try:
-        found = find_parent(client, ctx.experiment, ctx.run_id, kind="sweep")
-        if found or not create:
-            return ParentRun(client, found) if found else None
-        tags = {**ctx.tags(), TAG_KIND: "sweep", TAG_RUN_ID: ctx.run_id}
-        name = f"{ctx.experiment} · sweep of {len(names)} variants · {ctx.run_id.rsplit('-', 1)[-1]}"
-        run = client.create_run(experiment_id(client, ctx.experiment), tags=tags, run_name=name)
-    except Exception as err:  # tracking never stops a stage
-        log.warning("MLflow: no sweep run for %s: %s", ctx.run_id, redact(str(err))[:300])
+    if not create:
+        try:
+            found = find_parent(client, ctx.experiment, ctx.run_id, kind="sweep")
+        except Exception as err:  # tracking never stops a stage
+            log.warning("MLflow: no sweep run for %s: %s", ctx.run_id, redact(str(err))[:300])
+            return None
+        return ParentRun(client, found) if found else None
+    name = f"{ctx.experiment} · sweep of {len(names)} variants · {ctx.run_id.rsplit('-', 1)[-1]}"
+    run_id = _find_or_create_parent(client, ctx, None, name, kind="sweep")
+    if run_id is None:
         return None
-    parent = ParentRun(client, run.info.run_id)
+    parent = ParentRun(client, run_id)
     parent.log_params({"sweep.variants": json.dumps(list(names)), "sweep.count": len(names)})
     return parent
