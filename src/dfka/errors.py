@@ -61,3 +61,7 @@ def describe_validation(err: Exception, root: str = "value") -> str:
     if not callable(errors):
         return str(err).splitlines()[0]
     return "; ".join(f"{'.'.join(map(str, e['loc'])) or root}: {e['msg']}" for e in errors())
+
+
+class RankFailed(DfkaError):
+    """A process of a data-parallel stage (``--nproc``, ``torchrun``) died or failed; the stage failed."""

@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dfka.engine import distributed as dist
+
 
 @dataclass
 class SampleBatch:
@@ -25,6 +27,19 @@ class SampleBatch:
             {k: v.to(device, dtype) for k, v in self.features.items()},
             {k: v.to(device, torch.float32) for k, v in self.logits.items()},
             self.index,
+        )
+
+    def gathered(self) -> SampleBatch:
+        """The whole global batch on every rank (detached; this batch itself with one process)."""
+        if dist.world().size == 1:
+            return self
+        index = None if self.index is None else dist.gather(self.index)
+        return SampleBatch(
+            dist.gather(self.z.detach()),
+            dist.gather(self.image.detach()),
+            {k: dist.gather(v.detach()) for k, v in self.features.items()},
+            {k: dist.gather(v.detach()) for k, v in self.logits.items()},
+            index,
         )
 
     def detached(self) -> SampleBatch:

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dfka.engine import distributed as dist
 from dfka.engine import fast
 
 if TYPE_CHECKING:
@@ -43,9 +44,9 @@ def onehot_loss(z: torch.Tensor, task: str) -> torch.Tensor:
 
 def info_entropy_loss(z: torch.Tensor, task: str) -> torch.Tensor:
     if task == "multiclass":
-        p_bar = F.softmax(z, 1).mean(0)
+        p_bar = dist.batch_mean(F.softmax(z, 1))
         return (p_bar * torch.log(p_bar + 1e-8)).sum()
-    y_bar = torch.sigmoid(z).mean(0).clamp(1e-6, 1 - 1e-6)
+    y_bar = dist.batch_mean(torch.sigmoid(z)).clamp(1e-6, 1 - 1e-6)
     binary_entropy = -(y_bar * y_bar.log() + (1 - y_bar) * (1 - y_bar).log())
     return -binary_entropy.mean()
 
@@ -142,6 +143,7 @@ class BNStatsRecorder:
             n = spatial.shape[0] * spatial.shape[2]
             mean = spatial.sum(2).sum(0) / n
             var = ((spatial * spatial).sum(2).sum(0) / n - mean * mean).clamp_min(0)
+        mean, var = dist.moments(mean, var)  # over every rank's share of the batch
         self.terms.append(
             torch.linalg.vector_norm(mean - module.running_mean)
             + torch.linalg.vector_norm(var - module.running_var)
@@ -199,11 +201,15 @@ class RoutedBNStats(BNStatsRecorder):
         for key, module, m, q in self.records:
             w = (weights or {}).get(key)
             if w is None:
-                share, mean, sq = 1.0, m.mean(0), q.mean(0)
-            else:
+                share, mean, sq = 1.0, dist.batch_mean(m), dist.batch_mean(q)
+            elif dist.world().size == 1:
                 share = w.mean()
                 norm = w / w.sum().clamp_min(1e-6)
                 mean, sq = norm @ m, norm @ q
+            else:  # the same weighted moments over every rank's share
+                share = dist.batch_mean(w)
+                mass = dist.global_sum(w.sum()).clamp_min(1e-6)
+                mean, sq = dist.global_sum(w @ m) / mass, dist.global_sum(w @ q) / mass
             var = (sq - mean * mean).clamp_min(0)
             if isinstance(module, fast.FoldedBatchNorm):  # moments of the folded output y = s·x + t
                 mean, var = (mean - module.shift) / module.scale, var / (module.scale * module.scale)

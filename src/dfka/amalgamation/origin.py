@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from dfka.amalgamation.teacher_set import TeacherSet
+from dfka.engine import distributed as dist
 
 
 @dataclass(frozen=True)
@@ -98,7 +99,9 @@ def shift(image: torch.Tensor, pixels: int, rng: torch.Generator) -> torch.Tenso
     if pixels <= 0:
         return image
     n, _, h, w = image.shape
-    d = torch.randint(-pixels, pixels + 1, (2, n), generator=rng)
+    # every rank draws the global batch's offsets (same RNG) and takes its own rows
+    total = dist.global_rows(n)
+    d = torch.randint(-pixels, pixels + 1, (2, total), generator=rng)[:, dist.world().rows(total)]
     padded = F.pad(image, (pixels, pixels, pixels, pixels))
     rows = (torch.arange(h).unsqueeze(0) + pixels - d[0].unsqueeze(1)).to(image.device)  # (N, H)
     cols = (torch.arange(w).unsqueeze(0) + pixels - d[1].unsqueeze(1)).to(image.device)  # (N, W)
@@ -112,7 +115,19 @@ def cross_teacher_mix(
 ) -> torch.Tensor:
     """``n`` pixel mixes :math:`\\lambda x_i + (1-\\lambda) x_j`, :math:`\\lambda \\sim U(0, 1)`, of two
     samples of (mostly) different origin teachers: images between the teachers' samples, where the
-    union's routing is what the student has to learn and the origin-labelled samples say nothing."""
+    union's routing is what the student has to learn and the origin-labelled samples say nothing.
+
+    With several ranks, ``image`` and ``slots`` are this rank's share: the pairs are drawn over the
+    global batch and the rank returns its share of the ``n`` mixes."""
+    if dist.world().size > 1:
+        mixed = cross_teacher_mix_global(dist.gather(image), slots_info, dist.gather(slots), n, rng)
+        return dist.local(mixed)
+    return cross_teacher_mix_global(image, slots_info, slots, n, rng)
+
+
+def cross_teacher_mix_global(
+    image: torch.Tensor, slots_info: OriginSlots, slots: torch.Tensor, n: int, rng: torch.Generator
+) -> torch.Tensor:
     b = len(slots)
     t = slots_info.teacher_of[slots]
     i = torch.randint(b, (n,), generator=rng)
@@ -152,18 +167,19 @@ def routing_loss(scores: torch.Tensor, slots_info: OriginSlots, slots: torch.Ten
     if len(slots_info.groups) < 2:
         return scores.new_zeros(())
     energies = torch.stack([torch.logsumexp(scores[:, list(g)], 1) for g in slots_info.groups], 1)
-    return F.cross_entropy(energies.float(), t)
+    return dist.cross_entropy(energies.float(), t)
 
 
 def diversity_hinge(image: torch.Tensor, slots: torch.Tensor, margin: float) -> torch.Tensor:
     """Hinge on the mean absolute pixel distance between consecutive samples of the same slot."""
+    image, slots = dist.gather(image), dist.gather(slots.to(image.device))  # pairs span the ranks
     order = torch.argsort(slots.to(image.device), stable=True)
     s, x = slots.to(image.device)[order], image[order].flatten(1)
     same = s[1:] == s[:-1]
     if not same.any():
         return image.new_zeros(())
-    dist = (x[1:][same] - x[:-1][same]).abs().mean(1)
-    return F.relu(margin - dist).mean()
+    gap = (x[1:][same] - x[:-1][same]).abs().mean(1)
+    return F.relu(margin - gap).mean()
 
 
 def student_origin_terms(
@@ -181,10 +197,10 @@ def student_origin_terms(
     t = slots_info.teacher_of[slots].to(device)
     pos = slots_info.pos_of[slots].to(device)
     if keep is None:
-        ce, which = F.cross_entropy(scores, pos), routing_loss(scores, slots_info, slots)
-    elif bool(keep.any()):
+        ce, which = dist.cross_entropy(scores, pos), routing_loss(scores, slots_info, slots)
+    elif dist.any_rank(keep.any()):
         kept = keep.to(device)
-        ce = F.cross_entropy(scores[kept], pos[kept])
+        ce = dist.cross_entropy(scores[kept], pos[kept])
         which = routing_loss(scores[kept], slots_info, slots[kept.cpu()])
     else:
         ce = which = scores.sum() * 0.0
@@ -197,7 +213,7 @@ def student_origin_terms(
             log_t = F.log_softmax(own, 1)
             kl = (log_t.exp() * (log_t - F.log_softmax(mine_scores, 1))).sum()
             kd = kd + kl * temperature**2
-    return {"ce": ce, "own_kd": kd / len(slots), "which": which}
+    return {"ce": ce, "own_kd": dist.per_sample_total(kd, len(slots)), "which": which}
 
 
 def fit_routing_bias(

@@ -41,6 +41,7 @@ from dfka.amalgamation.stage2 import Branch, DualGenerator
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
 from dfka.bundles import sha256_file
+from dfka.engine import distributed as dist
 from dfka.engine import fast
 from dfka.engine.loop import cosine_lr, set_lr
 from dfka.errors import BundleError
@@ -232,7 +233,7 @@ class FinetuneTrainer:
         targets: LabelTargets | None = None,
     ):
         self.path = path
-        self.net = path.accelerate(net.to(device), device)
+        self.net = path.accelerate(dist.sync_batchnorm(net.to(device)), device)
         self.device = device
         self.union = union
         self.cfg = cfg
@@ -277,15 +278,18 @@ class FinetuneTrainer:
             if w.agree_only:
                 keep = agrees_with_target(target, t)
                 parts["kept"] = keep.float().mean()
-                if bool(keep.any()):
+                if dist.any_rank(keep.any()):
                     scores, target, t = scores[keep], target[keep], t[keep]
                     parts["union"] = union_loss(scores, target, self.union.multiclass_mask, tau)
                 else:
                     parts["union"] = scores.sum() * 0.0
                     scores = scores[:0]
-            parts["target"] = (
-                F.binary_cross_entropy_with_logits(scores, t) if len(scores) else parts["union"] * 0.0
-            )
+            if dist.world().size > 1:  # a mean over the kept samples of every rank
+                parts["target"] = dist.mean(F.binary_cross_entropy_with_logits(scores, t, reduction="none"))
+            else:
+                parts["target"] = (
+                    F.binary_cross_entropy_with_logits(scores, t) if len(scores) else parts["union"] * 0.0
+                )
             loss = w.bce * parts["target"] + w.union_kd * parts["union"]
         elif self.origin is None:
             loss = parts["union"]
@@ -295,7 +299,7 @@ class FinetuneTrainer:
             logits, keep = batch.logits, None
             if w.routed_only != "off":
                 keep = routed_to_origin(target, self.origin, slots)
-            if w.routed_only == "all" and bool(keep.any()):
+            if w.routed_only == "all" and dist.any_rank(keep.any()):
                 # the samples the union sends elsewhere are ambiguous: no term learns from them
                 cpu = keep.cpu()
                 scores, target, slots = scores[keep], target[keep], slots[cpu]
@@ -316,6 +320,7 @@ class FinetuneTrainer:
                 loss = loss + w.mix_weight * parts["mix"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients(self.net.parameters())
         self.optimizer.step()
         return {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
 

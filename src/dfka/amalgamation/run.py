@@ -32,9 +32,11 @@ from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule
 from dfka.bundles import TeacherBundle
 from dfka.data.guard import data_free
+from dfka.engine import distributed as dist
 from dfka.engine import fast
 from dfka.engine.checkpoint import Checkpoints, Position
 from dfka.engine.loop import LoopResult, run_loop
+from dfka.errors import ConfigError
 from dfka.models import BlockClassifier, build_model, parse_arch
 from dfka.models.registry import accepts
 from dfka.runtime import pick_device, seed_everything, set_threads
@@ -194,7 +196,27 @@ def sample_bank(
 ) -> tuple[SampleBank, StageReport]:
     """The export's samples: stage 1's trajectory reservoir topped up (or replaced, with ``source:
     final``) by fresh samples from the frozen generator; teachers score each image once. With ``union``
-    and ``union.routing`` set, the union's routing is calibrated on them (``report.extra["routing"]``)."""
+    and ``union.routing`` set, the union's routing is calibrated on them (``report.extra["routing"]``).
+
+    With several ranks the bank is the same on every rank: rank 0 samples (a time cap makes the count
+    depend on the machine's speed) and sends it to the others; every rank calibrates on it."""
+    if dist.process().size == 1:
+        bank, report = _sample(gan, cfg, trajectory, device, progress)
+    else:
+        bank, report = _shared(gan, cfg, trajectory, device, progress)
+    if union is not None and cfg.union.routing != "none":
+        with data_free("routing calibration"):
+            report.extra["routing"] = calibrate_routing(union, bank)
+    return bank, report
+
+
+def _sample(
+    gan: AmalgamatingGAN,
+    cfg: AmalgamationConfig,
+    trajectory: SampleBank | None,
+    device: torch.device,
+    progress: bool,
+) -> tuple[SampleBank, StageReport]:
     with data_free("synthetic sample export"):
         start = time.perf_counter()
         parts = [trajectory] if trajectory is not None and cfg.export.source == "trajectory" else []
@@ -218,11 +240,32 @@ def sample_bank(
         bank = SampleBank.concat(parts)
     seconds = time.perf_counter() - start
     # samples = what this stage generated (its throughput); the bank also holds the trajectory's
-    report = StageReport(seconds, samples=missing, extra={"bank": len(bank), "from_trajectory": kept})
-    if union is not None and cfg.union.routing != "none":
-        with data_free("routing calibration"):
-            report.extra["routing"] = calibrate_routing(union, bank)
-    return bank, report
+    return bank, StageReport(seconds, samples=missing, extra={"bank": len(bank), "from_trajectory": kept})
+
+
+def _shared(
+    gan: AmalgamatingGAN,
+    cfg: AmalgamationConfig,
+    trajectory: SampleBank | None,
+    device: torch.device,
+    progress: bool,
+) -> tuple[SampleBank, StageReport]:
+    """Rank 0's :func:`_sample` on every rank (the bank's layout as JSON, its tensors by broadcast)."""
+    layout = tensors = None
+    if dist.process().main:
+        bank, report = _sample(gan, cfg, trajectory, device, progress)
+        tensors = bank.tensors
+        layout = {
+            "keys": sorted(bank.tensors), "names": bank.teacher_names, "levels": bank.levels,
+            "numbers": [report.seconds, report.samples, report.extra["from_trajectory"]],
+        }  # fmt: skip
+    layout = dist.broadcast_json(layout)
+    tensors = dist.broadcast_tensors(tensors, layout["keys"])
+    seconds, samples, kept = layout["numbers"]
+    bank = SampleBank(tensors, layout["names"], layout["levels"])
+    return bank, StageReport(
+        seconds, samples=int(samples), extra={"bank": len(bank), "from_trajectory": int(kept)}
+    )
 
 
 def train_blocks(
@@ -251,8 +294,6 @@ def train_blocks(
         blocks = dual.num_blocks
         shares = cfg.blocks.block_weights or [1.0] * blocks
         if len(shares) != blocks:
-            from dfka.errors import ConfigError
-
             raise ConfigError(f"blocks.block_weights has {len(shares)} entries for {blocks} blocks")
         budgets = _split(cfg.blocks.budget, shares)
         state = {"trainer": trainer, "batches": trainer.batches}
@@ -460,6 +501,30 @@ class AmalgamationResult:
     stages: dict[str, StageReport]
 
 
+def check_ranks(cfg: AmalgamationConfig, nproc: int) -> None:
+    """Every global batch must split evenly across ``nproc`` ranks; say which one does not, before training."""
+    if nproc < 1:
+        raise ConfigError(f"--nproc {nproc}: needs at least 1 process", "use --nproc 1 (one process) or more")
+    if nproc == 1:
+        return
+    batches = {
+        "gan.batch_size": cfg.gan.batch_size,
+        "blocks.batch_size": cfg.blocks.batch_size,
+        "regroup.batch_size": cfg.regroup.batch_size,
+    }
+    if cfg.regroup.origin.mix > 0:
+        batches["regroup.origin.mix x regroup.batch_size"] = max(
+            1, round(cfg.regroup.origin.mix * cfg.regroup.batch_size)
+        )
+    bad = {k: v for k, v in batches.items() if v % nproc}
+    if bad:
+        shown = ", ".join(f"{k} = {v}" for k, v in bad.items())
+        raise ConfigError(
+            f"{shown}: a global batch must split evenly across --nproc {nproc} ranks",
+            f"use batch sizes that are multiples of {nproc}, or another --nproc",
+        )
+
+
 def amalgamate(
     bundles: Sequence[TeacherBundle],
     cfg: AmalgamationConfig,
@@ -467,9 +532,14 @@ def amalgamate(
     on_metrics: MetricsCallback | None = None,
     progress: bool = True,
 ) -> AmalgamationResult:
-    """Stages 1-3 in one process: GAN, samples, block-wise dual generator, regroup."""
+    """Stages 1-3 in one process: GAN, samples, block-wise dual generator, regroup.
+
+    Launched by ``torchrun`` (``dfka amalgamate --nproc N``), every rank runs this chain: the training
+    loops split each global batch across the ranks (:mod:`dfka.engine.distributed`), rank 0 draws the
+    export's samples and sends them to the others, and every rank returns the same TargetNet."""
     set_threads(cfg.threads)
-    device = pick_device(cfg.device)
+    device = dist.rank_device(pick_device(cfg.device))
+    dist.init_from_env(device)
     teachers = teacher_set_from_bundles(bundles, cfg.target_labels).to(device)
     union = UnionRule(teachers, cfg.union.rule).to(device)
     stages: dict[str, StageReport] = {}

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from dfka.amalgamation.batch import SampleBatch
 from dfka.amalgamation.stage1 import AmalgamatingGAN
 from dfka.bundles import sha256_file
+from dfka.engine import distributed as dist
 from dfka.errors import ConfigError, StorageError
 from dfka.models import frozen_bn_stats
 from dfka.progress import bar as progress_bar
@@ -169,6 +170,7 @@ class BatchStream(Iterator[SampleBatch]):
             self._pos = 0
         index = self._order[self._pos : self._pos + self.batch_size]
         self._pos += self.batch_size
+        index = dist.local(index)  # several ranks: each trains on its rows of the global batch
         return self.bank.batch(index, self.device)
 
     def state_dict(self) -> dict[str, Any]:

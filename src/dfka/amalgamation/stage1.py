@@ -56,6 +56,7 @@ from dfka.amalgamation.origin import (
 )
 from dfka.amalgamation.teacher_set import TeacherSet
 from dfka.amalgamation.union import UnionRule, union_loss
+from dfka.engine import distributed as dist
 from dfka.engine.loop import cosine_lr, set_lr
 from dfka.errors import ConfigError
 from dfka.models import BlockClassifier
@@ -237,6 +238,10 @@ class GanTrainer:
 
     def __init__(self, gan: AmalgamatingGAN, seed: int, device: torch.device):
         self.gan = gan.to(device)
+        # several ranks: the generator (and proxy student) normalise with the global batch's moments
+        dist.sync_batchnorm(gan.generator)
+        if gan.student is not None:
+            dist.sync_batchnorm(gan.student)
         self.path = gan.teachers.path
         self.path.accelerate(gan.generator, device)
         self.device = device
@@ -258,18 +263,20 @@ class GanTrainer:
         self.gan.train()
         lr = cosine_lr(self.cfg.lr, step, total)
         set_lr(self.optimizer, lr)
-        z = self.gan.sample_latent(self.cfg.batch_size, self.rng, self.device)
+        # every rank draws the global batch's codes and generates its own rows of it
+        z = dist.local(self.gan.sample_latent(self.cfg.batch_size, self.rng, self.device))
         with self.path.autocast(self.device):
             parts, generated = self.gan.losses(z, self.rng)
             loss = self.gan.weighted(parts)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        dist.average_gradients(self.gan.trainable_parameters())
         self.optimizer.step()
         out = {"loss": loss.detach(), **{k: v.detach() for k, v in parts.items()}}
         if self.student_optimizer is not None:
             out["student_kd"] = self._student_steps(generated)
         if self.collector is not None:
-            self.collector(step, total, generated.detached())
+            self.collector(step, total, generated.detached().gathered())
         return out
 
     def _student_steps(self, generated: SampleBatch) -> torch.Tensor:
@@ -281,6 +288,7 @@ class GanTrainer:
             kd = union_loss(student(image), target, self.gan.union.multiclass_mask)
             self.student_optimizer.zero_grad(set_to_none=True)
             kd.backward()
+            dist.average_gradients(student.parameters())
             self.student_optimizer.step()
         return kd.detach()
 

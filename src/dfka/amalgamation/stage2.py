@@ -32,6 +32,7 @@ from dfka.amalgamation.config import BlocksConfig
 from dfka.amalgamation.filters import ChannelGate, TeacherFilter, projection
 from dfka.amalgamation.teacher_set import TeacherSet, check_student
 from dfka.amalgamation.union import UnionRule, union_loss
+from dfka.engine import distributed as dist
 from dfka.engine import fast
 from dfka.engine.loop import cosine_lr, set_lr
 from dfka.models import BlockClassifier, frozen_bn_stats
@@ -113,7 +114,7 @@ class BlockTrainer:
         device: torch.device,
     ):
         self.path = dual.teachers.path
-        self.dual = self.path.accelerate(dual.to(device), device)
+        self.dual = self.path.accelerate(dist.sync_batchnorm(dual.to(device)), device)
         self.compute = dual.teachers.compute_models()  # teachers' compute copies on the fast path
         self.prefix = fast.PrefixCache() if self.path.fast else None  # frozen blocks 1..b-1 per sample
         self.union = union
@@ -211,6 +212,7 @@ class BlockTrainer:
             out = self.block_loss(next(self.batches))
         self.optimizer.zero_grad(set_to_none=True)
         out["loss"].backward()
+        dist.average_gradients(self.dual.block_parameters(self.block))
         self.optimizer.step()
         return {k: v.detach() for k, v in out.items()}
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfka.amalgamation.teacher_set import TeacherSet
+from dfka.engine import distributed as dist
 from dfka.errors import ConfigError
 
 RULES = ("logits", "softmax")
@@ -115,8 +116,10 @@ def union_loss(
         )
         per_sample = per_sample + bce.mean(1)
     if weights is None:
-        return per_sample.mean()
-    return (per_sample * weights).sum() / weights.sum()
+        return dist.mean(per_sample)
+    if dist.world().size == 1:
+        return (per_sample * weights).sum() / weights.sum()
+    return dist.global_sum((per_sample * weights).sum()) / dist.global_sum(weights.sum())
 
 
 def predict_labels(scores: torch.Tensor, multiclass_mask: torch.Tensor) -> torch.Tensor:

@@ -32,17 +32,25 @@ def register(sub: argparse._SubParsersAction) -> None:
         "set: a folder or s3:// prefix with one sub-folder of PNG/JPEG images per label name",
     )
     p.add_argument("--out", required=True, help="output dir or s3://bucket/prefix for the TargetNet")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        help="data-parallel processes for stages 1-3 (torchrun, gloo on CPU, one GPU each on CUDA): each "
+        "rank trains on its share of every batch; the batch sizes must be multiples of it (default 1)",
+    )
     p.set_defaults(func=_amalgamate)
 
 
 def _amalgamate(args: argparse.Namespace) -> int:
     from dfka.amalgamation.config import AmalgamationConfig
     from dfka.amalgamation.regroup import save_targetnet
-    from dfka.amalgamation.run import amalgamate
+    from dfka.amalgamation.run import amalgamate, check_ranks
     from dfka.bundles import load_bundle
     from dfka.config_files import load_yaml
     from dfka.data.folder import is_folder_spec, open_folder
     from dfka.data.labels import resolve_target_labels
+    from dfka.engine import distributed as dist
     from dfka.errors import ConfigError, describe_validation
     from dfka.runtime import ensure_writable_dir
 
@@ -81,7 +89,16 @@ def _amalgamate(args: argparse.Namespace) -> int:
         )
         print(f"test set: {dataset}: {len(folder)} images of {len(set(folder.targets))} labels")
 
+    check_ranks(cfg, args.nproc)
+    if args.nproc > 1:  # every check above passed: start the ranks, each runs this same command
+        from dfka.engine.launch import run_ranks
+
+        run_ranks(args.nproc, "dfka.cli", _without_nproc(args.argv), "dfka amalgamate")
+        return 0
     result = amalgamate(bundles, cfg)
+    if not dist.process().main:  # rank 0 reports, evaluates and writes the TargetNet
+        dist.shutdown()
+        return 0
     print("\nstage        seconds   steps   samples/s")
     for name, report in result.stages.items():
         print(f"{name:<12} {report.seconds:8.1f} {report.steps:7d} {report.samples_per_second:11.0f}")
@@ -94,7 +111,21 @@ def _amalgamate(args: argparse.Namespace) -> int:
     provenance = {"teachers": [b.source for b in bundles], "config": json.loads(cfg.model_dump_json())}
     save_targetnet(result.targetnet.cpu(), args.out, metrics=metrics, provenance=provenance)
     print(f"TargetNet: {args.out}/ (targetnet.json, targetnet.safetensors, targetnet.torchscript.pt)")
+    dist.shutdown()
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line a rank runs: the user's, minus ``--nproc N`` (torchrun set the ranks up)."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 OUT_BYTES = 64 << 20  # a TargetNet (safetensors + TorchScript) is far smaller; a full disk is not

@@ -44,6 +44,7 @@ from safetensors.torch import load_file, save_file
 
 from dfka import storage
 from dfka.bundles import sha256_file
+from dfka.engine import distributed as dist
 from dfka.errors import CheckpointError, ConfigError, StorageError
 from dfka.settings import CHECKPOINT_EVERY_ENV, DEFAULT_CHECKPOINT_EVERY
 
@@ -228,7 +229,11 @@ class Checkpoints:
     # ------------------------------------------------------------ writing
 
     def save(self, objects: Mapping[str, Stateful], position: Position) -> str:
-        """Write a new checkpoint (tensors first, manifest last), then delete the ones it supersedes."""
+        """Write a new checkpoint (tensors first, manifest last), then delete the ones it supersedes.
+
+        With several ranks only rank 0 writes (every rank holds the same state); the others return ""."""
+        if not dist.process().main:
+            return ""
         started = time.perf_counter()
         tensors: dict[str, torch.Tensor] = {}
         structure = {name: pack(obj.state_dict(), tensors, name) for name, obj in objects.items()}
@@ -384,7 +389,15 @@ class Checkpoints:
         return None
 
     def restore(self, objects: Mapping[str, Stateful]) -> Position | None:
-        """Load the newest good checkpoint into ``objects`` and the process RNGs; its position, or ``None``."""
+        """Load the newest good checkpoint into ``objects`` and the process RNGs; its position, or ``None``.
+
+        Every rank loads the same one; none goes on before all have (rank 0 then prunes old ones)."""
+        try:
+            return self._restore(objects)
+        finally:
+            dist.barrier()
+
+    def _restore(self, objects: Mapping[str, Stateful]) -> Position | None:
         loaded = self.latest()
         if loaded is None:
             return None
@@ -426,7 +439,7 @@ class Checkpoints:
 
     def clear(self) -> None:
         """Delete every checkpoint of the stage (after it succeeded), unless ``DFKA_KEEP_CHECKPOINTS=1``."""
-        if os.environ.get(KEEP_ENV, "").strip() in ("1", "true", "yes"):
+        if os.environ.get(KEEP_ENV, "").strip() in ("1", "true", "yes") or not dist.process().main:
             return
         try:
             storage.remove(self.uri)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from dfka.engine import distributed as dist
 from dfka.engine.probe import active_probe
 from dfka.errors import TrainingDiverged
 from dfka.progress import bar as progress_bar
@@ -81,7 +82,40 @@ def run_loop(
 
     ``model`` is the complete model this loop trains (pixels to Y_cst scores), if it has one: an active
     :class:`~dfka.engine.probe.TimeProbe` scores it on its ticks, outside the time budget.
+
+    Launched on several ranks (:mod:`dfka.engine.distributed`), the loop runs sharded: rank 0 decides
+    when a time budget ends and how long the schedule is, every logged value is the mean over the
+    ranks, a non-finite loss on any rank stops them all, and only rank 0 shows progress and calls
+    ``on_metrics`` (checkpoints are written by rank 0, see :class:`~dfka.engine.checkpoint.Checkpoints`).
     """
+    with dist.sharded():
+        return _run_loop(
+            step_fn, budget, desc=desc, prefix=prefix, on_metrics=on_metrics, progress=progress,
+            log_every=log_every, start_step=start_step, checkpoint=checkpoint,
+            checkpoint_every=checkpoint_every, step_offset=step_offset, elapsed_offset=elapsed_offset,
+            model=model,
+        )  # fmt: skip
+
+
+def _run_loop(
+    step_fn: StepFn,
+    budget: Budget,
+    *,
+    desc: str,
+    prefix: str,
+    on_metrics: MetricsCallback | None,
+    progress: bool,
+    log_every: int,
+    start_step: int,
+    checkpoint: CheckpointFn | None,
+    checkpoint_every: int,
+    step_offset: int,
+    elapsed_offset: float,
+    model: nn.Module | None,
+) -> LoopResult:
+    main = dist.world().main
+    if not main:
+        progress, on_metrics = False, None
     by_time = budget.steps is None
     if by_time and budget.seconds is None:
         raise ValueError("a budget needs steps or seconds")
@@ -107,7 +141,7 @@ def run_loop(
     saved = start_step if start_step else None
 
     def check(upto: int) -> None:
-        bad = -1 if first_bad is None else int(first_bad)
+        bad = dist.max_over_ranks(-1 if first_bad is None else int(first_bad))
         if bad >= 0:
             bar.close()
             where = f"step {saved} of this loop is intact" if saved is not None else "none was written yet"
@@ -121,10 +155,12 @@ def run_loop(
     while True:
         elapsed = elapsed_offset + time.perf_counter() - started
         if by_time:
-            if elapsed >= budget.seconds:
-                break
-            if step >= WARMUP_STEPS:
+            stop = elapsed >= budget.seconds
+            if not stop and step >= WARMUP_STEPS:
                 total = max(step + 1, math.ceil(step * budget.seconds / max(elapsed, 1e-9)))
+            stop, total = _agreed(stop, total)
+            if stop:
+                break
         elif step >= total:
             break
         out = step_fn(step, total)
@@ -166,11 +202,19 @@ def _flush(
     on_metrics: MetricsCallback | None,
     step: int,
 ) -> dict[str, float]:
-    metrics = {f"{prefix}.{k}": float(v) / count for k, v in sums.items()}
+    metrics = {f"{prefix}.{k}": float(v) / count for k, v in dist.reduce_metrics(sums).items()}
     bar.set_postfix({k.split(".")[-1]: f"{v:.3g}" for k, v in metrics.items()}, refresh=False)
     if on_metrics:
         on_metrics(metrics, step)
     return metrics
+
+
+def _agreed(stop: bool, total: int) -> tuple[bool, int]:
+    """Rank 0's stop decision and schedule length on every rank (unchanged with one process)."""
+    if dist.world().size == 1:
+        return stop, total
+    agreed_stop, agreed_total = dist.broadcast_numbers([float(stop), float(total)])
+    return bool(agreed_stop), int(agreed_total)
 
 
 def cosine_lr(base: float, step: int, total: int, warmup: int = 0, floor: float = 0.05) -> float:
